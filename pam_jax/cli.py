@@ -1,5 +1,54 @@
-"""The `pam-jax` command."""
+"""The `pam-jax` command. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module exposes `add_parser(subparsers) -> argparse.ArgumentParser` and
+`run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
-def main(argv=None) -> int:
-    print("pam-jax")
-    return 0
+
+# name -> (module, one-line help). Modules are imported lazily so `pam-jax --help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("pam_jax.convert.cli", "convert official PyTorch / HF checkpoints"),
+    "segment": ("pam_jax.sam2.cli", "segment an image with SAM 2 (points, box, mask)"),
+    "segment-video": ("pam_jax.sam2.video_cli", "track objects through a video with SAM 2"),
+    "generate": ("pam_jax.llm.cli", "generate text with a Qwen2 model"),
+    "predict": ("pam_jax.pam.cli", "recognize, explain and caption regions with PAM"),
+    "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pam-jax",
+        description="pam-jax: region-level perception (SAM 2 + PAM) in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (mod, help_) in COMMANDS.items():
+        if name == wanted:
+            importlib.import_module(mod).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Small layers shared by SAM 2 and PAM modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact erf form (the tanh default is off by up to 4.7e-4)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def linear(
+    din: int, dout: int, rngs: nnx.Rngs, *, axes: tuple[str, str] = ("vis_embed", "vis_mlp"),
+    use_bias: bool = True, dtype=None,
+) -> nnx.Linear:
+    """nnx.Linear with logical axis names on kernel and bias."""
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+        kernel_metadata={"out_sharding": axes}, bias_metadata={"out_sharding": (axes[1],)},
+    )
+
+
+class MLP(nnx.Module):
+    """The official `sam2.modeling.sam2_utils.MLP`: `layers.{i}` Linears, activation between."""
+
+    def __init__(
+        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *,
+        rngs: nnx.Rngs, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+        sigmoid_output: bool = False, dtype=None,
+    ):
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nnx.List(
+            [linear(a, b, rngs, dtype=dtype) for a, b in zip(dims[:-1], dims[1:])]
+        )
+        self.activation = activation
+        self.sigmoid_output = sigmoid_output
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < n - 1:
+                x = self.activation(x)
+        return jax.nn.sigmoid(x) if self.sigmoid_output else x
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+    """LayerNorm over the last axis; with NHWC this is also the official LayerNorm2d.
+
+    Statistics are computed in float32 whatever the compute dtype.
+    """
+    return nnx.LayerNorm(
+        dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        scale_metadata={"out_sharding": ("norm",)}, bias_metadata={"out_sharding": ("norm",)},
+    )
