@@ -1,0 +1,159 @@
+"""Parity of the SAM 2 memory modules with the official PyTorch code (float32, CPU).
+
+Reference: `build_official_sam2("t", "2.1", image_size=512)` (stride-16 map 32x32, masks 512x512)
+with every parameter perturbed; the CXBlock layer-scale gammas are additionally set to O(1)
+values, otherwise (1e-6 init + 0.02 noise) the fuser branch would be too small to test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from pam_jax.convert.torch_nnx import torch_to_nnx_params
+from torch_ref import build_official_sam2, to_np
+
+from pam_jax.checkpoint import assign_params
+from pam_jax.sam2.memory_attention import MemoryAttention
+from pam_jax.sam2.memory_encoder import MemoryEncoder
+
+HW = 32  # feature side at image_size 512
+
+
+@pytest.fixture(scope="module")
+def official():
+    torch.set_num_threads(1)
+    m = build_official_sam2("t", "2.1", image_size=512)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in m.memory_encoder.fuser.layers:
+            layer.gamma.copy_(1.0 + 0.5 * torch.randn(layer.gamma.shape, generator=g))
+    return m
+
+
+def _load(jax_module: nnx.Module, official, prefix: str) -> nnx.Module:
+    sd = {k: to_np(v) for k, v in official.state_dict().items()}
+    params = torch_to_nnx_params(
+        jax_module, sd, rename=lambda k: k[len(prefix) :] if k.startswith(prefix) else None
+    )
+    return assign_params(jax_module, params)
+
+
+@pytest.fixture(scope="module")
+def jax_encoder(official):
+    return _load(MemoryEncoder(64, 256, rngs=nnx.Rngs(0)), official, "memory_encoder.")
+
+
+@pytest.fixture(scope="module")
+def jax_attention(official):
+    return _load(MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
+
+
+def _close(got, want, atol: float, what: str) -> None:
+    err = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+    print(f"{what}: max |d| = {err:.3g} (atol {atol:.3g})")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, rtol=0)
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("skip_mask_sigmoid", [True, False])
+def test_memory_encoder(official, jax_encoder, skip_mask_sigmoid):
+    rng = np.random.default_rng(0)
+    pix = rng.standard_normal((2, HW, HW, 256)).astype(np.float32)
+    masks = (10 * rng.standard_normal((2, 16 * HW, 16 * HW, 1))).astype(np.float32)
+    with torch.no_grad():
+        out = official.memory_encoder(_nchw(pix), _nchw(masks), skip_mask_sigmoid)
+    want = to_np(out["vision_features"]).transpose(0, 2, 3, 1)
+    want_pos = to_np(out["vision_pos_enc"][0]).transpose(0, 2, 3, 1)
+    feats, pos = jax_encoder(pix, masks, skip_mask_sigmoid)
+    assert feats.shape == (2, HW, HW, 64) and pos.shape == (2, HW, HW, 64)
+    # O(1-10) activations after 6 convs, 2 ConvNeXt blocks and 9 LayerNorms in float32:
+    # accumulation-order differences only; measured max |d| 2e-6 relative to the output scale.
+    scale = np.abs(want).max()
+    _close(feats, want, 1e-5 * scale, f"encoder features (scale {scale:.3g})")
+    _close(pos, want_pos, 1e-5, "encoder pos")
+
+
+def test_memory_encoder_fuser_branch_active(official):
+    """The fuser residual branch must change the output a lot, or the test above proves little."""
+    rng = np.random.default_rng(1)
+    pix = _nchw(rng.standard_normal((1, HW, HW, 256)).astype(np.float32))
+    masks = _nchw((10 * rng.standard_normal((1, 16 * HW, 16 * HW, 1))).astype(np.float32))
+    enc = official.memory_encoder
+    with torch.no_grad():
+        full = to_np(enc(pix, masks, True)["vision_features"])
+        saved = [layer.gamma.clone() for layer in enc.fuser.layers]
+        for layer in enc.fuser.layers:
+            layer.gamma.zero_()
+        try:
+            no_fuser = to_np(enc(pix, masks, True)["vision_features"])
+        finally:
+            for layer, g in zip(enc.fuser.layers, saved):
+                layer.gamma.copy_(g)
+    assert np.abs(full - no_fuser).max() > 0.2 * np.abs(full).max()
+
+
+def _attn_inputs(rng, b: int, n_frames: int, n_ptr_tokens: int):
+    curr = rng.standard_normal((b, HW * HW, 256)).astype(np.float32)
+    curr_pos = rng.standard_normal((b, HW * HW, 256)).astype(np.float32)
+    m = n_frames * HW * HW + n_ptr_tokens
+    mem = rng.standard_normal((b, m, 64)).astype(np.float32)
+    mem_pos = rng.standard_normal((b, m, 64)).astype(np.float32)
+    return curr, curr_pos, mem, mem_pos
+
+
+def _official_attn(official, curr, curr_pos, mem, mem_pos, n_ptr_tokens):
+    def seq(x):  # batch-first numpy -> seq-first torch
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)))
+
+    with torch.no_grad():
+        out = official.memory_attention(
+            curr=seq(curr),
+            curr_pos=seq(curr_pos),
+            memory=seq(mem),
+            memory_pos=seq(mem_pos),
+            num_obj_ptr_tokens=n_ptr_tokens,
+        )
+    return to_np(out).transpose(1, 0, 2)
+
+
+# Outputs are LayerNorm-ed (O(1)); 4 layers of float32 attention over ~2k keys and a 2048-wide
+# MLP: accumulation-order differences only (measured 1.9e-6).
+ATTN_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("n_frames,n_ptr_tokens", [(2, 16), (2, 0)])
+def test_memory_attention(official, jax_attention, n_frames, n_ptr_tokens):
+    rng = np.random.default_rng(2)
+    curr, curr_pos, mem, mem_pos = _attn_inputs(rng, 2, n_frames, n_ptr_tokens)
+    want = _official_attn(official, curr, curr_pos, mem, mem_pos, n_ptr_tokens)
+    got = np.asarray(jax_attention(curr, curr_pos, mem, mem_pos, n_ptr_tokens))
+    assert got.shape == want.shape == (2, HW * HW, 256)
+    _close(got, want, ATTN_ATOL, f"attention {n_frames} frames {n_ptr_tokens} ptr tokens")
+
+
+def test_memory_attention_masked_slots(official, jax_attention):
+    """Masked (empty) frames / pointer tokens give the result of leaving them out entirely."""
+    rng = np.random.default_rng(3)
+    n_frames, n_ptr = 3, 8  # capacity: 3 memory frames, 8 pointers (32 tokens)
+    curr, curr_pos, mem, mem_pos = _attn_inputs(rng, 2, n_frames, 4 * n_ptr)
+    frame_valid = np.array([[True, False, True], [False, True, False]])
+    ptr_valid = np.array([[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 0, 0, 1, 0, 0, 0]], bool)
+    valid = np.concatenate(
+        [np.repeat(frame_valid, HW * HW, axis=1), np.repeat(ptr_valid, 4, axis=1)], axis=1
+    )
+    got = np.asarray(jax_attention(curr, curr_pos, mem, mem_pos, 4 * n_ptr, valid))
+    for b in range(2):
+        sel = valid[b]
+        n_keep = 4 * int(ptr_valid[b].sum())
+        args = (curr[b : b + 1], curr_pos[b : b + 1], mem[b : b + 1, sel], mem_pos[b : b + 1, sel])
+        compact = np.asarray(jax_attention(*args, n_keep))
+        # same keys, masked ones get softmax weight exactly 0; only the reduction length (and so
+        # XLA's summation order) differs: a few float32 ulp through 4 layers (measured 1.4e-6)
+        _close(got[b], compact[0], 5e-6, "masked vs compact")
+        want = _official_attn(official, *args, n_keep)
+        _close(got[b], want[0], ATTN_ATOL, "masked vs official compact")
