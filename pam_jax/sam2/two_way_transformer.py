@@ -18,10 +18,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pam_jax.sam2.common import MLP, layer_norm, linear
+from pam_jax.sam2.common import MLP, linear
 
 # torch.nn.LayerNorm default, used by every norm of the two-way transformer.
 TWO_WAY_LN_EPS = 1e-5
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+    """`common.layer_norm` with two-pass variance (mean((x - mean)^2)), as torch computes it.
+
+    flax's default E[x^2] - E[x]^2 cancels catastrophically when the variance is tiny relative
+    to the mean, e.g. LayerNorm2d over 4 channels in the prompt encoder's mask path: measured
+    2e-4 absolute error there vs 1e-6 with two passes. Statistics are float32.
+    """
+    return nnx.LayerNorm(
+        dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+        rngs=rngs, scale_metadata={"out_sharding": ("norm",)},
+        bias_metadata={"out_sharding": ("norm",)},
+    )  # fmt: skip
 
 
 class Attention(nnx.Module):
