@@ -1,0 +1,195 @@
+"""`pam-jax convert llm HF_DIR OUT_DIR`: a local HF Qwen2 / Qwen2.5 checkpoint -> pam-jax model dir.
+
+`pam-jax convert llm --export MODEL_DIR HF_OUT_DIR` (or `export_hf`) is the inverse: it writes
+`config.json` + `model.safetensors` + the tokenizer files that
+`transformers.Qwen2ForCausalLM.from_pretrained` loads.
+
+Both directions stream: source tensors are memory-mapped, the output header is computed from
+shapes first, then each tensor is read, transposed if it is a Linear weight, cast if asked, and
+written before the next is touched. Peak anonymous memory is about one tensor (the largest is the
+embedding, 151936 x H); the mapped source pages are page cache.
+
+Key table (HF -> pam-jax; every Linear weight is transposed to flax's [in, out]):
+    model.embed_tokens.weight                  -> model.embed_tokens.embedding
+    model.layers.N.self_attn.{q,k,v}_proj.weight/bias, o_proj.weight -> ...kernel / ...bias
+    model.layers.N.mlp.{gate,up,down}_proj.weight -> ...kernel
+    model.layers.N.{input,post_attention}_layernorm.weight, model.norm.weight -> same key
+    lm_head.weight                             -> lm_head.kernel (untied only; dropped if tied)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pam_jax.checkpoint import FORMAT, WEIGHTS_FILE, CheckpointError
+from pam_jax.llm.config import Qwen2Config
+from pam_jax.llm.io import KIND, copy_tokenizer_files, read_config, write_config
+from pam_jax.llm.weights import (
+    SafetensorsFile,
+    TensorSource,
+    expected_params,
+    hf_key,
+    write_safetensors,
+)
+
+# HF keys that carry no parameters of ours (old checkpoints saved the RoPE buffer)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _out_dtype(name: str | None):
+    import ml_dtypes
+
+    if name in (None, "keep"):
+        return None
+    return {
+        "float32": np.dtype(np.float32),
+        "bfloat16": np.dtype(ml_dtypes.bfloat16),
+        "float16": np.dtype(np.float16),
+    }[name]
+
+
+def convert_llm(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None
+) -> Path:
+    """Convert an HF Qwen2 directory. `dtype`: None/"keep" (source dtype), "float32",
+    "bfloat16" or "float16". Raises CheckpointError on anything that does not fit."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is not a directory")
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{hf_dir} has no config.json (expected an HF model directory)")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = Qwen2Config.from_hf(hf_cfg)
+    src = TensorSource.from_dir(hf_dir)
+    want = expected_params(cfg)  # pam-jax key -> shape
+    by_hf = {}
+    for k, shape in want.items():
+        hk, t = hf_key(k)
+        by_hf[hk] = (k, t, shape)
+    unknown, bad = [], []
+    for hk in src.keys():
+        if hk.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and hk == "lm_head.weight"):
+            continue
+        if hk not in by_hf:
+            unknown.append(hk)
+            continue
+        k, t, shape = by_hf[hk]
+        got = src.shape(hk)
+        if (got[::-1] if t else got) != shape:
+            bad.append(f"{hk}: {got} (config expects {shape[::-1] if t else shape})")
+    missing = sorted(set(by_hf) - set(src.keys()))
+    errors = []
+    if missing:
+        errors.append(f"{len(missing)} missing tensors: {missing[:10]}")
+    if unknown:
+        errors.append(f"{len(unknown)} unknown tensors: {unknown[:10]}")
+    if bad:
+        errors.append(f"{len(bad)} shapes that do not match config.json: {bad[:10]}")
+    if errors:
+        raise CheckpointError(f"{hf_dir} does not match its config: " + "; ".join(errors))
+
+    out_dt = _out_dtype(dtype)
+    to_hf = {k: hk for hk, (k, _, _) in by_hf.items()}
+    transposed = {k: t for _, (k, t, _) in by_hf.items()}
+
+    def produce(k):
+        w = src.get(to_hf[k])
+        w = w.T if transposed[k] else w
+        return np.ascontiguousarray(w, dtype=out_dt or w.dtype)
+
+    entries = [
+        (k, out_dt or src.files[to_hf[k]].dtype(to_hf[k]), shape) for k, shape in want.items()
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHTS_FILE, entries, produce, {"format": FORMAT, "kind": KIND})
+    write_config(out, cfg, hf_cfg)
+    copy_tokenizer_files(hf_dir, out)
+    return out
+
+
+def export_hf(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None
+) -> Path:
+    """pam-jax model directory -> HF directory loadable by `Qwen2ForCausalLM.from_pretrained`."""
+    cfg = read_config(model_dir)
+    f = Path(model_dir) / WEIGHTS_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{model_dir} has no {WEIGHTS_FILE}")
+    src = SafetensorsFile(f)
+    want = expected_params(cfg)
+    if set(src.keys()) != set(want):
+        raise CheckpointError(
+            f"{f} does not match its config: keys differ "
+            f"({sorted(set(src.keys()) ^ set(want))[:10]})"
+        )
+    out_dt = _out_dtype(dtype)
+    entries, to_ours = [], {}
+    for k, shape in want.items():
+        hk, t = hf_key(k)
+        to_ours[hk] = (k, t)
+        entries.append((hk, out_dt or src.dtype(k), shape[::-1] if t else shape))
+
+    def produce(hk):
+        k, t = to_ours[hk]
+        w = src.get(k)
+        return np.ascontiguousarray(w.T if t else w, dtype=out_dt or w.dtype)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", entries, produce, {"format": "pt"})
+    hf = cfg.to_hf()
+    first = entries[0][1]
+    hf["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+        np.dtype(first).name, "float32"
+    )
+    hf["dtype"] = hf["torch_dtype"]
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    copy_tokenizer_files(model_dir, out)
+    return out
+
+
+def add_parser(conv_sub) -> argparse.ArgumentParser:
+    p = conv_sub.add_parser(
+        "llm",
+        help="a local Hugging Face Qwen2 / Qwen2.5 directory",
+        description="Convert a local HF Qwen2/Qwen2.5 directory (config.json, model.safetensors "
+        "or sharded safetensors with an index, tokenizer files) into a pam-jax "
+        "model directory. With --export, convert a pam-jax model directory back "
+        "into an HF directory (SRC = pam-jax dir, DST = new HF dir).",
+    )
+    p.add_argument("src", metavar="HF_DIR", help="HF model directory (pam-jax dir with --export)")
+    p.add_argument("dst", metavar="OUT_DIR", help="output directory")
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="inverse direction: pam-jax model dir -> HF safetensors dir",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["keep", "float32", "bfloat16", "float16"],
+        default="keep",
+        help="dtype of the written weights (default: keep)",
+    )
+    return p
+
+
+def run(args) -> int:
+    try:
+        if args.export:
+            out = export_hf(args.src, args.dst, args.dtype)
+        else:
+            out = convert_llm(args.src, args.dst, args.dtype)
+    except CheckpointError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,334 @@
+"""Batched generation under one `jax.jit`: prefill + a `jax.lax.while_loop` decode.
+
+Inputs are **right-padded** (row b holds its prompt in `[:prompt_lengths[b]]`), given as token
+ids or as input embeddings (PAM puts visual embeddings into the sequence). Inside, the prompt
+length is rounded up to a bucket (`bucket_length`) and every row is rolled so that prompts end
+at the same slot (left padding); row b's positions are `0..len_b-1` and its padding slots are
+masked out of attention. Every decode step then writes the same cache slot for all rows: one
+`dynamic_update_slice` with a scalar index into per-layer `[B, S, KV, D]` arrays.
+
+One compilation per (bucket, batch, max_new_tokens, cache length, sampling mode): the float
+sampling values (temperature, top-p, repetition penalty) are traced, only their on/off switches
+and top-k are static. `TRACES` counts traces so tests can assert it.
+
+Sampling follows HF's order: repetition penalty (on raw logits; with ids it covers prompt and
+generated tokens, with embeddings only generated tokens, as HF's `generate(inputs_embeds=...)`),
+then temperature, top-k, top-p (HF's rule: drop the tokens whose ascending cumulative
+probability is <= 1 - top_p, keep at least one). Temperature 0 is greedy (argmax after the
+penalty). After a stop id a row emits `pad_id`; `lengths` counts tokens up to and including
+the stop token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+TRACES: collections.Counter = collections.Counter()  # (bucket, batch, max_new) -> traces
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def mode(self) -> tuple[bool, int, bool, bool]:
+        """The static part: (greedy, top_k, use_top_p, use_penalty)."""
+        greedy = self.temperature == 0
+        return (
+            greedy,
+            0 if greedy else self.top_k,
+            (not greedy) and self.top_p < 1,
+            self.repetition_penalty != 1.0,
+        )
+
+
+@dataclasses.dataclass
+class Generated:
+    tokens: np.ndarray  # [B, max_new_tokens] int32, pad_id after a stop token
+    lengths: np.ndarray  # [B] tokens generated, including the stop token
+
+
+def default_buckets(limit: int = 1 << 17) -> list[int]:
+    """16, 32, 64, 128 then four per octave (160, 192, 224, 256, 320, ...): <= 25% padding."""
+    out = [16, 32, 64]
+    b = 128
+    while b <= limit:
+        out += [b, b * 5 // 4, b * 3 // 2, b * 7 // 4]
+        b *= 2
+    return out
+
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
+    buckets = sorted(buckets or default_buckets())
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+# ---- logits processing ------------------------------------------------------------------
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    pen = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, pen, logits)
+
+
+def _top_p_mask(sorted_desc: jax.Array, top_p) -> jax.Array:
+    """Keep-mask over logits sorted descending, with HF's ascending-cumsum rule."""
+    asc = sorted_desc[..., ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    remove = cum <= (1 - top_p)
+    remove = remove.at[..., -1].set(False)
+    return ~remove[..., ::-1]
+
+
+def _candidates(logits: jax.Array, temperature, top_k: int, use_top_p: bool, top_p):
+    """-> (candidate logits [B, K] with -inf for removed, candidate token ids [B, K])."""
+    logits = logits / temperature
+    k = top_k if top_k > 0 else logits.shape[-1]
+    if top_k > 0 or use_top_p:
+        vals, idx = jax.lax.top_k(logits, k)
+    else:
+        vals = logits
+        idx = jnp.broadcast_to(jnp.arange(logits.shape[-1]), logits.shape)
+    if use_top_p:
+        vals = jnp.where(_top_p_mask(vals, top_p), vals, -jnp.inf)
+    return vals, idx
+
+
+def warp_logits(
+    logits: jax.Array, sampling: SamplingParams, seen: jax.Array | None = None
+) -> jax.Array:
+    """Full-vocabulary processed logits (-inf where filtered), as HF's processors return them.
+
+    For tests and inspection; the sampler uses the same code on the candidates only.
+    """
+    greedy, top_k, use_top_p, use_pen = sampling.mode
+    logits = logits.astype(jnp.float32)
+    if use_pen and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if greedy:
+        return logits
+    vals, idx = _candidates(logits, sampling.temperature, top_k, use_top_p, sampling.top_p)
+    out = jnp.full_like(logits, -jnp.inf)
+    return jax.vmap(lambda o, i, v: o.at[i].set(v))(out, idx, vals)
+
+
+def _sample(logits, seen, rng, values, mode):
+    greedy, top_k, use_top_p, use_pen = mode
+    temperature, top_p, penalty = values
+    if use_pen:
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vals, idx = _candidates(logits, temperature, top_k, use_top_p, top_p)
+    choice = jax.random.categorical(rng, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ---- the jitted program -----------------------------------------------------------------
+def _left_align(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Right-padded rows -> rows ending at the last slot (roll each row by T - len)."""
+    t = x.shape[1]
+    return jax.vmap(lambda r, s: jnp.roll(r, s, axis=0))(x, t - lengths)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_length", "mode", "from_ids")
+)
+def _generate(
+    graphdef,
+    state,
+    prompt,
+    lengths,
+    seen,
+    stop_ids,
+    rng,
+    values,
+    pad_id,
+    *,
+    max_new_tokens: int,
+    cache_length: int,
+    mode: tuple,
+    from_ids: bool,
+):
+    b, t = prompt.shape[:2]
+    TRACES[(t, b, max_new_tokens)] += 1  # runs only while tracing
+    model = nnx.merge(graphdef, state)
+    use_pen = mode[3]
+    x = model.embed(prompt) if from_ids else prompt
+    x = _left_align(x, lengths)
+    start = t - lengths  # first valid slot of each row
+    slots = jnp.arange(t)
+    positions = jnp.maximum(slots[None, :] - start[:, None], 0)
+    valid = slots[None, :] >= start[:, None]
+    mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]
+    cache = model.init_cache(b, cache_length)
+    h, cache = model.hidden_states(x, positions, mask, cache, 0, attend_cache=False)
+    logits = model.logits(h[:, -1])
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+    rng, key = jax.random.split(rng)
+    first = _sample(logits, seen, key, values, mode)
+    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    if use_pen:
+        seen = seen.at[jnp.arange(b), first].set(True)
+    state0 = dict(
+        step=jnp.int32(1),
+        tokens=tokens,
+        last=first,
+        done=is_stop(first),
+        lengths=jnp.ones((b,), jnp.int32),
+        cache=cache,
+        rng=rng,
+        seen=seen,
+    )
+    kv_slots = jnp.arange(cache_length)
+    kv_valid = kv_slots[None, :] >= start[:, None]
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        step = s["step"]
+        slot = t + step - 1  # where the last token's k/v go
+        pos = (lengths + step - 1)[:, None]
+        m = (kv_valid & (kv_slots[None, :] <= slot))[:, None, :]
+        xe = model.embed(s["last"][:, None])
+        h, cache = model.hidden_states(xe, pos, m, s["cache"], slot, attend_cache=True)
+        lg = model.logits(h[:, 0])
+        rng, key = jax.random.split(s["rng"])
+        nxt = _sample(lg, s["seen"], key, values, mode)
+        nxt = jnp.where(s["done"], pad_id, nxt)
+        seen = s["seen"]
+        if use_pen:
+            seen = seen.at[jnp.arange(b), nxt].set(True)
+        tokens = jax.lax.dynamic_update_slice(s["tokens"], nxt[:, None], (0, step))
+        lengths_ = s["lengths"] + (~s["done"]).astype(jnp.int32)
+        return dict(
+            step=step + 1,
+            tokens=tokens,
+            last=nxt,
+            done=s["done"] | is_stop(nxt),
+            lengths=lengths_,
+            cache=cache,
+            rng=rng,
+            seen=seen,
+        )
+
+    out = jax.lax.while_loop(cond, body, state0)
+    return out["tokens"], out["lengths"]
+
+
+def generate(
+    model: Any,
+    *,
+    input_ids: Any = None,
+    inputs_embeds: Any = None,
+    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    max_new_tokens: int = 32,
+    sampling: SamplingParams = SamplingParams(),
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    rng: jax.Array | int = 0,
+    buckets: Sequence[int] | None = None,
+    max_cache_length: int | None = None,
+) -> Generated:
+    """Generate up to `max_new_tokens` per row.
+
+    input_ids [B, T] int or inputs_embeds [B, T, H]; both right-padded with `prompt_lengths`
+    [B] (default: all T). Returns host arrays `tokens [B, max_new_tokens]`, `lengths [B]`.
+    The KV cache has bucket(T) + max_new_tokens slots (rounded up to a multiple of 8); a prompt
+    for which that exceeds `max_cache_length` (default: the config's max_position_embeddings)
+    is an error.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    cfg = model.cfg
+    from_ids = input_ids is not None
+    prompt = jnp.asarray(input_ids, jnp.int32) if from_ids else jnp.asarray(inputs_embeds)
+    if from_ids and prompt.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {prompt.shape}")
+    if not from_ids and (prompt.ndim != 3 or prompt.shape[-1] != cfg.hidden_size):
+        raise ValueError(f"inputs_embeds must be [B, T, {cfg.hidden_size}], got {prompt.shape}")
+    b, t = prompt.shape[:2]
+    lengths = np.full((b,), t) if prompt_lengths is None else np.asarray(prompt_lengths)
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+        raise ValueError(f"prompt_lengths must be [B] in [1, {t}], got {lengths.tolist()}")
+    n = int(lengths.max())
+    limit = max_cache_length or cfg.max_position_embeddings
+    if n + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the "
+            f"cache length {limit}"
+        )
+    tb = bucket_length(n, buckets)
+    cache_length = -(-(tb + max_new_tokens) // 8) * 8
+    if cache_length > limit:
+        cache_length = tb + max_new_tokens
+        if cache_length > limit:  # the bucket rounding pushed it over: pad to n exactly
+            tb, cache_length = n, n + max_new_tokens
+    prompt = (
+        prompt[:, :n]
+        if tb <= n
+        else jnp.pad(prompt[:, :n], ((0, 0), (0, tb - n)) + ((0, 0),) * (prompt.ndim - 2))
+    )
+    mode = sampling.mode
+    seen = None
+    if mode[3]:
+        seen = np.zeros((b, cfg.vocab_size), bool)
+        if from_ids:  # HF penalises the prompt tokens too when they are given as ids
+            ids = np.asarray(input_ids)
+            rows, cols = np.nonzero(np.arange(ids.shape[1])[None, :] < lengths[:, None])
+            seen[rows, ids[rows, cols]] = True
+        seen = jnp.asarray(seen)
+    stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    values = (
+        jnp.float32(sampling.temperature or 1.0),
+        jnp.float32(sampling.top_p),
+        jnp.float32(sampling.repetition_penalty),
+    )
+    graphdef, state = nnx.split(model)
+    tokens, lens = _generate(
+        graphdef,
+        state,
+        prompt,
+        jnp.asarray(lengths, jnp.int32),
+        seen,
+        stops,
+        key,
+        values,
+        jnp.int32(pad_id),
+        max_new_tokens=max_new_tokens,
+        cache_length=cache_length,
+        mode=mode,
+        from_ids=from_ids,
+    )
+    return Generated(np.asarray(tokens), np.asarray(lens))
