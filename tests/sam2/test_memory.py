@@ -157,3 +157,153 @@ def test_memory_attention_masked_slots(official, jax_attention):
         _close(got[b], compact[0], 5e-6, "masked vs compact")
         want = _official_attn(official, *args, n_keep)
         _close(got[b], want[0], ATTN_ATOL, "masked vs official compact")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-capacity memory bank vs the official `_prepare_memory_conditioned_features`.
+
+
+def _rand_frame(g: torch.Generator):
+    """One official per-frame output: bf16 memory features [1, 64, h, w], obj_ptr [1, 256]."""
+    feats = torch.randn(1, 64, HW, HW, generator=g).to(torch.bfloat16)
+    return feats, torch.randn(1, 256, generator=g)
+
+
+def _bank_case(official, cfg, objects, frame_idx, num_frames, reverse, num_cond=3):
+    """objects: per object (cond frames, non-cond frames in insertion order). Runs the official
+    function per object (B=1) and ours batched over objects; returns per-object pairs."""
+    import jax.numpy as jnp
+
+    from pam_jax.sam2 import memory as mb
+    from pam_jax.sam2.common import linear
+
+    g = torch.Generator().manual_seed(frame_idx)
+    b = len(objects)
+    mem_pos = torch.randn(1, 64, HW, HW, generator=g)  # shared by all memories (as official)
+    mem_pos_hwc = to_np(mem_pos)[0].transpose(1, 2, 0).reshape(HW * HW, 64)
+    bank = mb.init_memory_bank(cfg, b, num_cond=num_cond, mem_pos=mem_pos_hwc)
+    dicts = []
+    for i, (conds, nonconds) in enumerate(objects):
+        od = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        upd = np.arange(b) == i
+        for is_cond, frames in ((True, conds), (False, nonconds)):
+            key = "cond_frame_outputs" if is_cond else "non_cond_frame_outputs"
+            for f in frames:
+                feats, ptr = _rand_frame(g)
+                od[key][f] = {
+                    "maskmem_features": feats,
+                    "maskmem_pos_enc": [mem_pos],
+                    "obj_ptr": ptr,
+                }
+                f_np = to_np(feats.float())[0].transpose(1, 2, 0)[None].repeat(b, 0)
+                bank = mb.insert_memory(bank, f, f_np, to_np(ptr).repeat(b, 0), is_cond, upd)
+        dicts.append(od)
+
+    curr = torch.randn(HW * HW, b, 256, generator=g)
+    curr_pos = torch.randn(HW * HW, b, 256, generator=g)
+    want, captured = [], []
+    orig = official.memory_attention.forward
+
+    def spy(*args, **kw):
+        captured.append(kw)
+        return orig(*args, **kw)
+
+    official.memory_attention.forward = spy
+    try:
+        with torch.no_grad():
+            for i, od in enumerate(dicts):
+                out = official._prepare_memory_conditioned_features(
+                    frame_idx=frame_idx,
+                    is_init_cond_frame=False,
+                    current_vision_feats=[curr[:, i : i + 1]],
+                    current_vision_pos_embeds=[curr_pos[:, i : i + 1]],
+                    feat_sizes=[(HW, HW)],
+                    output_dict=od,
+                    num_frames=num_frames,
+                    track_in_reverse=reverse,
+                )
+                want.append(to_np(out)[0].transpose(1, 2, 0).reshape(HW * HW, 256))
+    finally:
+        del official.memory_attention.forward
+
+    sd = official.state_dict()
+    tpos_proj = None
+    if cfg.proj_tpos_enc_in_obj_ptrs:
+        tpos_proj = linear(256, 64, nnx.Rngs(0))
+        tpos_proj.kernel[...] = jnp.asarray(to_np(sd["obj_ptr_tpos_proj.weight"]).T)
+        tpos_proj.bias[...] = jnp.asarray(to_np(sd["obj_ptr_tpos_proj.bias"]))
+    tpos = to_np(sd["maskmem_tpos_enc"])
+    seq_b = to_np(curr).transpose(1, 0, 2)
+    pos_b = to_np(curr_pos).transpose(1, 0, 2)
+    mem = mb.assemble_memory(bank, cfg, frame_idx, num_frames, tpos, tpos_proj, reverse)
+    return bank, mem, want, captured, (seq_b, pos_b, tpos, tpos_proj)
+
+
+def _check_tokens(mem, captured, b):
+    """The valid tokens of object b are exactly the official memory tokens (as a multiset)."""
+    valid = np.asarray(mem.memory_valid[b])
+    n_ptr = mem.num_obj_ptr_tokens
+    ours_m, ours_p = np.asarray(mem.memory[b]), np.asarray(mem.memory_pos[b])
+    off_m = to_np(captured["memory"])[:, 0]
+    off_p = to_np(captured["memory_pos"])[:, 0]
+    n_off_ptr = captured["num_obj_ptr_tokens"]
+    sp_ok, p_ok = valid[:-n_ptr], valid[-n_ptr:]
+    assert sp_ok.sum() == len(off_m) - n_off_ptr
+    assert p_ok.sum() == n_off_ptr
+
+    def sort_rows(m, p):
+        x = np.concatenate([m, p], axis=1)
+        return x[np.lexsort(x.T[::-1])]
+
+    got_sp = sort_rows(ours_m[:-n_ptr][sp_ok], ours_p[:-n_ptr][sp_ok])
+    want_sp = sort_rows(off_m[: len(off_m) - n_off_ptr], off_p[: len(off_m) - n_off_ptr])
+    np.testing.assert_array_equal(got_sp, want_sp)  # same bf16 values, same float32 sums
+    if n_off_ptr:
+        got_p = sort_rows(ours_m[-n_ptr:][p_ok], ours_p[-n_ptr:][p_ok])
+        want_p = sort_rows(off_m[-n_off_ptr:], off_p[-n_off_ptr:])
+        # pointer pos = sine -> 256x64 linear: float32 rounding only
+        np.testing.assert_allclose(got_p, want_p, atol=1e-5, rtol=0)
+
+
+BANK_CASES = {
+    # forward: cond 0 and 9 (9 sits among the recent frames), a future cond 15 (memory but no
+    # pointer); more non-cond frames than the 6 recent slots hold
+    "forward": (
+        [((0, 9, 15), (1, 2, 3, 4, 5, 6, 7, 8, 10, 11)), ((2,), (3, 4, 5, 6, 7, 8, 9, 10, 11))],
+        12,
+        20,
+        False,
+    ),
+    # reverse tracking from cond frame 19 down to 8, plus a cond frame in the past (3)
+    "reverse": (
+        [((19, 3), (18, 17, 16, 15, 14, 13, 12, 11, 10, 9)), ((14,), (13, 12, 11, 10, 9))],
+        8,
+        20,
+        True,
+    ),
+    # short video: max pointers min(num_frames, 16) = 6, some pointers too far back
+    "short": ([((0,), (1, 2, 3, 4, 5)), ((1,), (2, 3, 4, 5))], 6, 7, False),
+}
+
+
+@pytest.mark.parametrize("case", list(BANK_CASES))
+@pytest.mark.parametrize("version", ["2.1", "2.0"])
+def test_memory_bank_vs_official(version, case):
+    from pam_jax.sam2 import memory as mb
+    from pam_jax.sam2.config import sam2_config
+
+    torch.set_num_threads(1)
+    official = build_official_sam2("t", version, image_size=512)
+    cfg = sam2_config("t", version, image_size=512)
+    objects, frame_idx, num_frames, reverse = BANK_CASES[case]
+    bank, mem, want, captured, (curr, curr_pos, tpos, tpos_proj) = _bank_case(
+        official, cfg, objects, frame_idx, num_frames, reverse
+    )
+    for i in range(len(objects)):
+        _check_tokens(mem, captured[i], i)
+    attn = _load(MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
+    got = mb.prepare_memory_conditioned_features(
+        attn, bank, cfg, frame_idx, num_frames, curr, curr_pos, tpos, tpos_proj, reverse
+    )
+    for i in range(len(objects)):
+        _close(got[i], want[i], ATTN_ATOL, f"{version} {case} object {i}")
