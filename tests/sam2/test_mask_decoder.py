@@ -4,10 +4,10 @@ Reference: `sam_mask_decoder` / `sam_prompt_encoder` of the official SAM 2.1-tin
 image_size 512 (the decoder is size-agnostic given its 32x32 feature map), every parameter
 perturbed, converted with the generic torch->NNX converter. float32 on CPU.
 
-Tolerances: tokens / image embeddings are LayerNorm outputs of O(1) (|x| up to ~5); masks are
-dot products of 32-wide hypernetwork outputs with upscaled features (|logit| up to ~10). All
-differences are float32 summation order (torch SDPA vs einsum softmax, conv vs conv), measured
-at ~1e-6 on tokens and ~1e-5 on mask logits, so ATOL 2e-5 for O(1) tensors and 1e-4 for logits.
+Tolerances: tokens / image embeddings are LayerNorm outputs of O(1) (|x| up to ~5); mask
+logits here reach |x| ~ 3.5. All differences are float32 summation order (torch SDPA vs einsum
+softmax, torch conv vs XLA conv); measured max |diff| <= 2e-6 on every output, so 2e-5 absolute
+(10x margin) for everything.
 """
 
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from pam_jax.sharding import unannotated_params
 IMAGE_SIZE = 512
 H = IMAGE_SIZE // 16
 ATOL = 2e-5  # O(1) tokens / embeddings
-ATOL_LOGITS = 1e-4  # mask logits up to ~10
+ATOL_LOGITS = 2e-5  # mask logits, |x| up to ~3.5
 
 
 def _convert(ours, ref_module, what):
