@@ -110,9 +110,12 @@ def detect_config(state_dict: Mapping[str, Any], image_size: int = 1024) -> SAM2
         if h.embed_dim == embed_dim and sum(h.stages) == n_blocks:
             size = name
     if size is None:
+        known = ", ".join(
+            f"{SIZE_NAMES[n]} {h.embed_dim}/{sum(h.stages)}" for n, h in HIERA.items()
+        )
         raise CheckpointError(
             f"not a known SAM 2 size: trunk embed dim {embed_dim} with {n_blocks} blocks "
-            f"(known: {', '.join(f'{SIZE_NAMES[n]} {h.embed_dim}/{sum(h.stages)}' for n, h in HIERA.items())})"
+            f"(known embed dim / blocks: {known})"
         )
     if bkg is not None and bkg != HIERA[size].window_pos_embed_bkg_spatial_size:
         raise CheckpointError(

@@ -52,6 +52,10 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def overlay_masks(
     image: np.ndarray | Image.Image,
     masks: np.ndarray | Sequence[np.ndarray],
@@ -63,11 +67,13 @@ def overlay_masks(
     boxes: np.ndarray | Sequence[Sequence[float]] | None = None,
     points: np.ndarray | Sequence[Sequence[float]] | None = None,
     point_labels: Sequence[int] | None = None,
+    label_xy: Sequence[Sequence[float] | None] | None = None,
 ) -> Image.Image:
     """The image with each mask blended in its own colour, plus optional prompts and labels.
 
     masks: [N, H, W] booleans (or anything where > 0 is foreground) at the image size.
-    labels: one text per mask (None or "" to skip), drawn at the top-left of the mask's box.
+    labels: one text per mask (None or "" to skip), drawn at `label_xy[i]` if given, else at the
+    top-left of the mask's bounding box, moved down where labels would overlap.
     boxes: [K, 4] x1, y1, x2, y2 in pixels. points: [P, 2] x, y; point_labels 1 (positive,
     green) or 0 (negative, red).
     """
@@ -103,15 +109,22 @@ def overlay_masks(
 
     if labels is not None:
         font = ImageFont.load_default(size=max(10, round(min(h, w) / 40)))
-        for m, c, text in zip(masks, cols, labels):
+        placed: list[tuple[int, int, int, int]] = []
+        for k, (m, c, text) in enumerate(zip(masks, cols, labels)):
             if not text:
                 continue
-            ys, xs = np.nonzero(m)
-            x0, y0 = (int(xs.min()), int(ys.min())) if len(xs) else (0, 0)
-            left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-            # keep the label inside the image
-            dx, dy = min(0, w - right), min(0, h - bottom)
-            box = (left + dx - 2, top + dy - 2, right + dx + 2, bottom + dy + 2)
-            draw.rectangle(box, fill=c)
-            draw.text((x0 + dx, y0 + dy), text, fill=(255, 255, 255), font=font)
+            if label_xy is not None and label_xy[k] is not None:
+                x0, y0 = (int(v) for v in label_xy[k])
+            else:
+                ys, xs = np.nonzero(m)
+                x0, y0 = (int(xs.min()), int(ys.min())) if len(xs) else (0, 0)
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            tw, th = right - left + 4, bottom - top + 4
+            x0, y0 = min(max(0, x0), max(0, w - tw)), min(max(0, y0), max(0, h - th))
+            # move down past labels already drawn there, so none hides another
+            while any(_overlap((x0, y0, x0 + tw, y0 + th), r) for r in placed) and y0 + th < h:
+                y0 += th
+            placed.append((x0, y0, x0 + tw, y0 + th))
+            draw.rectangle((x0, y0, x0 + tw, y0 + th), fill=c)
+            draw.text((x0 + 2 - left, y0 + 2 - top), text, fill=(255, 255, 255), font=font)
     return img
