@@ -175,10 +175,11 @@ class MaskDecoder(nnx.Module):
         dc1, ln1, _, dc2, _ = self.output_upscaling
         if not self.use_high_res_features:
             return gelu(dc2(gelu(ln1(dc1(src)))))
-        feat_s0, feat_s1 = high_res_features
-        b = src.shape[0]
-        x = gelu(ln1(dc1(src) + _repeat_to(feat_s1, b)))
-        return gelu(dc2(x) + _repeat_to(feat_s0, b))
+        feat_s0, feat_s1 = (_repeat_to(f, src.shape[0]) for f in high_res_features)
+        if self.dtype is not None:
+            feat_s0, feat_s1 = feat_s0.astype(self.dtype), feat_s1.astype(self.dtype)
+        x = gelu(ln1(dc1(src) + feat_s1))
+        return gelu(dc2(x) + feat_s0)
 
     def __call__(
         self,
@@ -225,6 +226,7 @@ class MaskDecoder(nnx.Module):
         src = _repeat_to(image_embeddings, b) + dense_prompt_embeddings
         if self.dtype is not None:
             src, tokens = src.astype(self.dtype), tokens.astype(self.dtype)
+            image_pe = image_pe.astype(self.dtype)
         _, h, w, _ = src.shape
 
         hs, keys = self.transformer(src, image_pe, tokens, token_mask)
