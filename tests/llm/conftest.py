@@ -107,16 +107,24 @@ def tied(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def converted(tied, tmp_path_factory):
-    """(hf model, hf dir, pam-jax dir) for tied / untied; the untied one is sharded."""
+def make_converted(tied: bool, base):
+    """(hf model, hf dir, pam-jax dir); the untied checkpoint is saved sharded with an index."""
     from pam_jax.convert.llm import convert_llm
 
-    base = tmp_path_factory.mktemp("tied" if tied else "untied")
     hm = hf_qwen2(tied)
     save_hf_dir(hm, base / "hf", shard=not tied)
     convert_llm(base / "hf", base / "jax")
     return hm, base / "hf", base / "jax"
+
+
+@pytest.fixture(scope="module")
+def converted(tied, tmp_path_factory):
+    return make_converted(tied, tmp_path_factory.mktemp("tied" if tied else "untied"))
+
+
+@pytest.fixture(scope="module")
+def converted_untied(tmp_path_factory):
+    return make_converted(False, tmp_path_factory.mktemp("untied1"))
 
 
 def right_padded(lengths, seed=0):

@@ -25,8 +25,17 @@ NEW = 32
 
 @pytest.fixture(scope="module")
 def loaded(converted):
-    hm, hd, jd = converted
-    model, cfg, tok = load_qwen2(jd, jnp.float32)
+    """Tied and untied: for the HF parity tests."""
+    hm, _, jd = converted
+    model, _, tok = load_qwen2(jd, jnp.float32)
+    return hm, model, tok
+
+
+@pytest.fixture(scope="module")
+def one(converted_untied):
+    """One model for the semantic tests (tying does not matter to them)."""
+    hm, _, jd = converted_untied
+    model, _, tok = load_qwen2(jd, jnp.float32)
     return hm, model, tok
 
 
@@ -57,32 +66,44 @@ def test_inputs_embeds_match_hf(loaded, penalty):
     # perturb the embeddings so they are not any token's: a real "visual" prefix
     emb = emb + 0.05 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
     sp = SamplingParams(repetition_penalty=penalty)
-    out = generate(model, inputs_embeds=jnp.asarray(emb.numpy()), prompt_lengths=LENS,
-                   max_new_tokens=NEW, sampling=sp)
+    out = generate(
+        model,
+        inputs_embeds=jnp.asarray(emb.numpy()),
+        prompt_lengths=LENS,
+        max_new_tokens=NEW,
+        sampling=sp,
+    )
     for b, n in enumerate(LENS):
         ref = _hf_generate(hm, inputs_embeds=emb[b : b + 1, :n], repetition_penalty=penalty)
         np.testing.assert_array_equal(out.tokens[b], ref)
 
 
-def test_repetition_penalty_with_ids_matches_hf(loaded):
-    hm, model, _ = loaded
+def test_repetition_penalty_with_ids_matches_hf(one):
+    hm, model, _ = one
     ids = right_padded(LENS, seed=12)
-    out = generate(model, input_ids=ids, prompt_lengths=LENS, max_new_tokens=NEW,
-                   sampling=SamplingParams(repetition_penalty=1.5))
+    out = generate(
+        model,
+        input_ids=ids,
+        prompt_lengths=LENS,
+        max_new_tokens=NEW,
+        sampling=SamplingParams(repetition_penalty=1.5),
+    )
     for b, n in enumerate(LENS):
-        ref = _hf_generate(hm, input_ids=torch.tensor(ids[b : b + 1, :n]),
-                           repetition_penalty=1.5)[n:]
+        ref = _hf_generate(hm, input_ids=torch.tensor(ids[b : b + 1, :n]), repetition_penalty=1.5)[
+            n:
+        ]
         np.testing.assert_array_equal(out.tokens[b], ref)
 
 
-def test_stop_ids(loaded):
-    hm, model, _ = loaded
+def test_stop_ids(one):
+    hm, model, _ = one
     ids = right_padded(LENS, seed=10)
     free = generate(model, input_ids=ids, prompt_lengths=LENS, max_new_tokens=NEW)
     # stop on row 0's 4th token and row 1's 6th: each row stops at its first occurrence
     stops = [int(free.tokens[0, 3]), int(free.tokens[1, 5])]
-    out = generate(model, input_ids=ids, prompt_lengths=LENS, max_new_tokens=NEW,
-                   stop_ids=stops, pad_id=-7)
+    out = generate(
+        model, input_ids=ids, prompt_lengths=LENS, max_new_tokens=NEW, stop_ids=stops, pad_id=-7
+    )
     for b in range(3):
         hit = np.nonzero(np.isin(free.tokens[b], stops))[0]
         n = int(hit[0]) + 1 if len(hit) else NEW
@@ -90,36 +111,48 @@ def test_stop_ids(loaded):
         np.testing.assert_array_equal(out.tokens[b, :n], free.tokens[b, :n])
         assert (out.tokens[b, n:] == -7).all()
         # HF with the same stop ids agrees on the row's output (it pads with pad_token_id)
-        ref = _hf_generate(hm, input_ids=torch.tensor(ids[b : b + 1, : LENS[b]]),
-                           eos_token_id=stops)[LENS[b]:]
+        ref = _hf_generate(
+            hm, input_ids=torch.tensor(ids[b : b + 1, : LENS[b]]), eos_token_id=stops
+        )[LENS[b] :]
         np.testing.assert_array_equal(ref[:n], out.tokens[b, :n])
         assert len(ref) == n or (ref[n:] == 0).all()
 
 
-def test_compiles_once_per_bucket(loaded):
-    _, model, _ = loaded
+def test_compiles_once_per_bucket(one):
+    _, model, _ = one
     before = dict(sampler.TRACES)
     for lens in ([5, 7], [3, 12], [16, 1]):  # all in the 16 bucket
-        generate(model, input_ids=right_padded(lens, seed=13), prompt_lengths=lens,
-                 max_new_tokens=6)
+        generate(
+            model, input_ids=right_padded(lens, seed=13), prompt_lengths=lens, max_new_tokens=6
+        )
     for lens in ([17, 2], [30, 20]):  # the 32 bucket
-        generate(model, input_ids=right_padded(lens, seed=14), prompt_lengths=lens,
-                 max_new_tokens=6)
+        generate(
+            model, input_ids=right_padded(lens, seed=14), prompt_lengths=lens, max_new_tokens=6
+        )
     new = {k: v - before.get(k, 0) for k, v in sampler.TRACES.items()}
     assert new[(16, 2, 6)] == 1 and new[(32, 2, 6)] == 1, new
     # changing only the float sampling values does not recompile either
     for t in (0.7, 1.3):
-        generate(model, input_ids=right_padded([5, 7]), prompt_lengths=[5, 7],
-                 max_new_tokens=6, sampling=SamplingParams(temperature=t, top_p=0.9))
+        generate(
+            model,
+            input_ids=right_padded([5, 7]),
+            prompt_lengths=[5, 7],
+            max_new_tokens=6,
+            sampling=SamplingParams(temperature=t, top_p=0.9),
+        )
     assert sampler.TRACES[(16, 2, 6)] - before.get((16, 2, 6), 0) == 2  # one greedy, one top-p
 
 
-@pytest.mark.parametrize("sp", [
-    SamplingParams(temperature=0.7),
-    SamplingParams(temperature=1.3, top_k=7),
-    SamplingParams(temperature=0.8, top_p=0.6),
-    SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
-], ids=["temp", "topk", "topp", "release"])
+@pytest.mark.parametrize(
+    "sp",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=7),
+        SamplingParams(temperature=0.8, top_p=0.6),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+    ],
+    ids=["temp", "topk", "topp", "release"],
+)
 def test_warpers_match_hf(sp):
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -149,8 +182,8 @@ def test_warpers_match_hf(sp):
     assert np.abs(out[fin] - ref[fin]).max() < 1e-6
 
 
-def test_sampling_semantics(loaded):
-    _, model, _ = loaded
+def test_sampling_semantics(one):
+    _, model, _ = one
     ids = right_padded(LENS, seed=15)
     kw = dict(input_ids=ids, prompt_lengths=LENS, max_new_tokens=12)
     greedy = generate(model, **kw).tokens
@@ -167,8 +200,8 @@ def test_sampling_semantics(loaded):
     assert (a != c).any() and (a != greedy).any()
 
 
-def test_errors(loaded):
-    _, model, _ = loaded
+def test_errors(one):
+    _, model, _ = one
     ids = right_padded([20])
     with pytest.raises(ValueError, match="exceeds the cache length"):
         generate(model, input_ids=ids, max_new_tokens=8, max_cache_length=24)
