@@ -13,6 +13,7 @@ torch is needed only here (`pip install 'pam-jax[convert]'`) and is imported laz
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -129,15 +130,23 @@ def detect_config(state_dict: Mapping[str, Any], image_size: int = 1024) -> SAM2
         raise CheckpointError(str(e)) from None
 
 
-def map_state_dict(cfg: SAM2Config, state_dict: Mapping[str, Any], what: str = "checkpoint"):
-    """{nnx key: array} for `cfg`'s SAM2Base; CheckpointError lists every mismatching key."""
+@functools.lru_cache(maxsize=4)
+def abstract_sam2(cfg: SAM2Config):
+    """The SAM2Base of `cfg` with shapes only (nnx.eval_shape: no parameter is allocated)."""
     from flax import nnx
-    from pam_jax.convert.torch_nnx import torch_to_nnx_params
 
     from pam_jax.sam2.model import SAM2Base
 
-    abstract = nnx.eval_shape(lambda: SAM2Base(cfg, rngs=nnx.Rngs(0)))
-    return torch_to_nnx_params(abstract, state_dict, what=what)
+    return nnx.eval_shape(lambda: SAM2Base(cfg, rngs=nnx.Rngs(0)))
+
+
+def map_state_dict(
+    cfg: SAM2Config, state_dict: Mapping[str, Any], what: str = "checkpoint"
+) -> dict[str, np.ndarray]:
+    """{nnx key: array} for `cfg`'s SAM2Base; CheckpointError lists every mismatching key."""
+    from pam_jax.convert.torch_nnx import torch_to_nnx_params
+
+    return torch_to_nnx_params(abstract_sam2(cfg), state_dict, what=what)
 
 
 def convert_sam2(
