@@ -268,7 +268,9 @@ def assemble_memory(
         t_diff_max = jnp.maximum(max_ptrs - 1, 1).astype(jnp.float32)
         tpos_dim = d if cfg.proj_tpos_enc_in_obj_ptrs else c
         p_pos = get_1d_sine_pe(dt.astype(jnp.float32) / t_diff_max, tpos_dim)
-        if obj_ptr_tpos_proj is not None:
+        if cfg.proj_tpos_enc_in_obj_ptrs:
+            if obj_ptr_tpos_proj is None:
+                raise ValueError("cfg.proj_tpos_enc_in_obj_ptrs needs obj_ptr_tpos_proj")
             p_pos = obj_ptr_tpos_proj(p_pos)
         p_pos = p_pos.astype(jnp.float32)
     else:

@@ -7,6 +7,7 @@ values, otherwise (1e-6 init + 0.02 noise) the fuser branch would be too small t
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,9 @@ def official():
     return m
 
 
-def _load(jax_module: nnx.Module, official, prefix: str) -> nnx.Module:
+def _load(make, official, prefix: str) -> nnx.Module:
+    """Build `make()` abstractly (random init is slow on a busy CPU) and load the weights."""
+    jax_module = nnx.eval_shape(make)
     sd = {k: to_np(v) for k, v in official.state_dict().items()}
     params = torch_to_nnx_params(
         jax_module, sd, rename=lambda k: k[len(prefix) :] if k.startswith(prefix) else None
@@ -42,18 +45,25 @@ def _load(jax_module: nnx.Module, official, prefix: str) -> nnx.Module:
 
 @pytest.fixture(scope="module")
 def jax_encoder(official):
-    return _load(MemoryEncoder(64, 256, rngs=nnx.Rngs(0)), official, "memory_encoder.")
+    return _load(lambda: MemoryEncoder(64, 256, rngs=nnx.Rngs(0)), official, "memory_encoder.")
 
 
 @pytest.fixture(scope="module")
 def jax_attention(official):
-    return _load(MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
+    return _load(lambda: MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
 
 
 def _close(got, want, atol: float, what: str) -> None:
     err = float(np.abs(np.asarray(got) - np.asarray(want)).max())
     print(f"{what}: max |d| = {err:.3g} (atol {atol:.3g})")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, rtol=0)
+
+
+# Whole-program jit: op-by-op eager dispatch compiles every op separately (slow on CI CPUs).
+_run_encoder = nnx.jit(lambda m, pix, masks, skip: m(pix, masks, skip), static_argnums=3)
+_run_attention = nnx.jit(
+    lambda m, c, cp, mem, mp, n, valid=None: m(c, cp, mem, mp, n, valid), static_argnums=5
+)
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
@@ -69,7 +79,7 @@ def test_memory_encoder(official, jax_encoder, skip_mask_sigmoid):
         out = official.memory_encoder(_nchw(pix), _nchw(masks), skip_mask_sigmoid)
     want = to_np(out["vision_features"]).transpose(0, 2, 3, 1)
     want_pos = to_np(out["vision_pos_enc"][0]).transpose(0, 2, 3, 1)
-    feats, pos = jax_encoder(pix, masks, skip_mask_sigmoid)
+    feats, pos = _run_encoder(jax_encoder, pix, masks, skip_mask_sigmoid)
     assert feats.shape == (2, HW, HW, 64) and pos.shape == (2, HW, HW, 64)
     # O(1-10) activations after 6 convs, 2 ConvNeXt blocks and 9 LayerNorms in float32:
     # accumulation-order differences only; measured max |d| 2e-6 relative to the output scale.
@@ -97,10 +107,10 @@ def test_memory_encoder_fuser_branch_active(official):
     assert np.abs(full - no_fuser).max() > 0.2 * np.abs(full).max()
 
 
-def _attn_inputs(rng, b: int, n_frames: int, n_ptr_tokens: int):
-    curr = rng.standard_normal((b, HW * HW, 256)).astype(np.float32)
-    curr_pos = rng.standard_normal((b, HW * HW, 256)).astype(np.float32)
-    m = n_frames * HW * HW + n_ptr_tokens
+def _attn_inputs(rng, b: int, n_frames: int, n_ptr_tokens: int, side: int = HW):
+    curr = rng.standard_normal((b, side * side, 256)).astype(np.float32)
+    curr_pos = rng.standard_normal((b, side * side, 256)).astype(np.float32)
+    m = n_frames * side * side + n_ptr_tokens
     mem = rng.standard_normal((b, m, 64)).astype(np.float32)
     mem_pos = rng.standard_normal((b, m, 64)).astype(np.float32)
     return curr, curr_pos, mem, mem_pos
@@ -131,7 +141,7 @@ def test_memory_attention(official, jax_attention, n_frames, n_ptr_tokens):
     rng = np.random.default_rng(2)
     curr, curr_pos, mem, mem_pos = _attn_inputs(rng, 2, n_frames, n_ptr_tokens)
     want = _official_attn(official, curr, curr_pos, mem, mem_pos, n_ptr_tokens)
-    got = np.asarray(jax_attention(curr, curr_pos, mem, mem_pos, n_ptr_tokens))
+    got = np.asarray(_run_attention(jax_attention, curr, curr_pos, mem, mem_pos, n_ptr_tokens))
     assert got.shape == want.shape == (2, HW * HW, 256)
     _close(got, want, ATTN_ATOL, f"attention {n_frames} frames {n_ptr_tokens} ptr tokens")
 
@@ -146,12 +156,12 @@ def test_memory_attention_masked_slots(official, jax_attention):
     valid = np.concatenate(
         [np.repeat(frame_valid, HW * HW, axis=1), np.repeat(ptr_valid, 4, axis=1)], axis=1
     )
-    got = np.asarray(jax_attention(curr, curr_pos, mem, mem_pos, 4 * n_ptr, valid))
+    got = np.asarray(_run_attention(jax_attention, curr, curr_pos, mem, mem_pos, 4 * n_ptr, valid))
     for b in range(2):
         sel = valid[b]
         n_keep = 4 * int(ptr_valid[b].sum())
         args = (curr[b : b + 1], curr_pos[b : b + 1], mem[b : b + 1, sel], mem_pos[b : b + 1, sel])
-        compact = np.asarray(jax_attention(*args, n_keep))
+        compact = np.asarray(_run_attention(jax_attention, *args, n_keep))
         # same keys, masked ones get softmax weight exactly 0; only the reduction length (and so
         # XLA's summation order) differs: a few float32 ulp through 4 layers (measured 1.4e-6)
         _close(got[b], compact[0], 5e-6, "masked vs compact")
@@ -286,8 +296,14 @@ BANK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BANK_CASES))
-@pytest.mark.parametrize("version", ["2.1", "2.0"])
+# SAM 2.0 has no pointer tpos (zeros), so direction/length only matter for 2.1: 2.0 runs one
+# case by default, the rest with -m heavy.
+@pytest.mark.parametrize(
+    "version,case",
+    [("2.1", c) for c in BANK_CASES]
+    + [("2.0", "forward")]
+    + [pytest.param("2.0", c, marks=pytest.mark.heavy) for c in ("reverse", "short")],
+)
 def test_memory_bank_vs_official(version, case):
     from pam_jax.sam2 import memory as mb
     from pam_jax.sam2.config import sam2_config
@@ -301,9 +317,105 @@ def test_memory_bank_vs_official(version, case):
     )
     for i in range(len(objects)):
         _check_tokens(mem, captured[i], i)
-    attn = _load(MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
-    got = mb.prepare_memory_conditioned_features(
-        attn, bank, cfg, frame_idx, num_frames, curr, curr_pos, tpos, tpos_proj, reverse
+    attn = _load(lambda: MemoryAttention(256, 4, rngs=nnx.Rngs(0)), official, "memory_attention.")
+    prepare = nnx.jit(
+        lambda a, p, bk, c, cp: mb.prepare_memory_conditioned_features(
+            a, bk, cfg, frame_idx, num_frames, c, cp, tpos, p, reverse
+        )
     )
+    got = prepare(attn, tpos_proj, bank, curr, curr_pos)
     for i in range(len(objects)):
         _close(got[i], want[i], ATTN_ATOL, f"{version} {case} object {i}")
+
+
+def _small_bank(b=2, **kw):
+    from pam_jax.sam2 import memory as mb
+    from pam_jax.sam2.config import sam2_config
+
+    cfg = sam2_config("t", "2.1", image_size=64)  # 4x4 memory maps: bookkeeping tests only
+    return cfg, mb.init_memory_bank(cfg, b, **kw)
+
+
+def test_memory_bank_ring_buffer():
+    from pam_jax.sam2 import memory as mb
+
+    cfg, bank = _small_bank(num_cond=2, num_recent=3, num_ptrs=4)
+    feats = np.ones((2, 4, 4, 64), np.float32)
+    ptr = np.ones((2, 256), np.float32)
+    for f in range(1, 7):  # 6 non-cond frames into 3 memory / 4 pointer slots
+        bank = mb.insert_memory(bank, f, feats * f, ptr * f, False)
+    assert sorted(np.asarray(bank.recent_frames[0])) == [4, 5, 6]
+    assert sorted(np.asarray(bank.ptr_frames[0])) == [3, 4, 5, 6]
+    # memories keep the bf16 rounding of what was inserted
+    bank = mb.insert_memory(bank, 5, feats * 1.001, ptr * 50, False)  # re-run frame 5: overwrite
+    slot = int(np.argmax(np.asarray(bank.recent_frames[0]) == 5))
+    assert bank.recent_feats.dtype == jnp.bfloat16
+    assert float(bank.recent_feats[0, slot, 0, 0]) == float(jnp.bfloat16(1.001))
+    assert sorted(np.asarray(bank.recent_frames[0])) == [4, 5, 6]
+    # a cond insert for object 1 only drops that object's non-cond entries of the frame
+    bank = mb.insert_memory(bank, 6, feats, ptr, True, update=np.array([False, True]))
+    assert np.asarray(bank.cond_valid).tolist() == [[False, False], [True, False]]
+    assert 6 in np.asarray(bank.recent_frames[0])[np.asarray(bank.recent_valid[0])]
+    assert 6 not in np.asarray(bank.recent_frames[1])[np.asarray(bank.recent_valid[1])]
+    assert 6 not in np.asarray(bank.ptr_frames[1])[np.asarray(bank.ptr_valid[1])]
+    bank = mb.remove_frame(bank, 4)
+    assert 4 not in np.asarray(bank.recent_frames)[np.asarray(bank.recent_valid)]
+
+
+def test_memory_bank_jit_matches_eager():
+    """insert/assemble are jittable with traced frame index, video length, direction, flags."""
+    import jax
+
+    from pam_jax.sam2 import memory as mb
+
+    cfg, bank = _small_bank()
+    rng = np.random.default_rng(0)
+    from pam_jax.sam2.common import linear
+
+    tpos = rng.standard_normal((7, 1, 1, 64)).astype(np.float32)
+    proj = linear(256, 64, nnx.Rngs(0))
+    ins = jax.jit(mb.insert_memory)
+    asm = jax.jit(lambda bk, f, n, r: mb.assemble_memory(bk, cfg, f, n, tpos, proj, r))
+    eager = bank
+    for f, cond in [(0, True), (1, False), (2, False), (5, True), (3, False)]:
+        feats = rng.standard_normal((2, 16, 64)).astype(np.float32)
+        ptr = rng.standard_normal((2, 256)).astype(np.float32)
+        bank = ins(bank, np.int32(f), feats, ptr, np.array(cond))
+        eager = mb.insert_memory(eager, f, feats, ptr, cond)
+    for f, n, r in [(4, 10, False), (2, 6, True)]:
+        got = asm(bank, np.int32(f), np.int32(n), np.array(r))
+        want = mb.assemble_memory(eager, cfg, f, n, tpos, proj, r)
+        assert got.num_obj_ptr_tokens == want.num_obj_ptr_tokens == (4 + 15) * 4
+        np.testing.assert_array_equal(np.asarray(got.memory_valid), np.asarray(want.memory_valid))
+        for a, b in [(got.memory, want.memory), (got.memory_pos, want.memory_pos)]:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+        assert np.asarray(got.memory_valid).any()
+
+
+def test_memory_modules_annotated_and_bf16(jax_encoder, jax_attention):
+    """Every Param has logical axis names; bf16 compute runs and stays close to float32."""
+    import jax.numpy as jnp
+
+    from pam_jax.sharding import unannotated_params
+
+    assert unannotated_params(jax_encoder) == []
+    assert unannotated_params(jax_attention) == []
+    enc16 = nnx.eval_shape(lambda: MemoryEncoder(64, 256, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    att16 = nnx.eval_shape(lambda: MemoryAttention(256, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    nnx.update(enc16, nnx.state(jax_encoder))
+    nnx.update(att16, nnx.state(jax_attention))
+    rng = np.random.default_rng(4)
+    side = 8  # small maps: bf16 convolutions are slow on CPU
+    pix = rng.standard_normal((1, side, side, 256)).astype(np.float32)
+    masks = (10 * rng.standard_normal((1, 16 * side, 16 * side, 1))).astype(np.float32)
+    f32, _ = _run_encoder(jax_encoder, pix, masks, True)
+    b16, pos16 = _run_encoder(enc16, pix, masks, True)
+    assert b16.dtype == pos16.dtype == jnp.bfloat16
+    # bf16 activations (8-bit mantissa) through ~10 layers: a few % of the output scale
+    scale = float(np.abs(np.asarray(f32)).max())
+    assert float(np.abs(np.asarray(b16, np.float32) - np.asarray(f32)).max()) < 0.1 * scale
+    curr, curr_pos, mem, mem_pos = _attn_inputs(rng, 1, 2, 16, side)
+    a32 = np.asarray(_run_attention(jax_attention, curr, curr_pos, mem, mem_pos, 16))
+    a16 = _run_attention(att16, curr, curr_pos, mem, mem_pos, 16)
+    assert a16.dtype == jnp.bfloat16
+    assert float(np.abs(np.asarray(a16, np.float32) - a32).max()) < 0.25  # LayerNorm-ed, O(1)
