@@ -179,6 +179,17 @@ def _rand_frame(g: torch.Generator):
     return feats, torch.randn(1, 256, generator=g)
 
 
+def _insert(*args):
+    import jax
+
+    from pam_jax.sam2 import memory as mb
+
+    global _INSERT_JIT
+    if "_INSERT_JIT" not in globals():
+        _INSERT_JIT = jax.jit(mb.insert_memory, static_argnums=4)
+    return _INSERT_JIT(*args)
+
+
 def _bank_case(official, cfg, objects, frame_idx, num_frames, reverse, num_cond=3):
     """objects: per object (cond frames, non-cond frames in insertion order). Runs the official
     function per object (B=1) and ours batched over objects; returns per-object pairs."""
@@ -206,7 +217,7 @@ def _bank_case(official, cfg, objects, frame_idx, num_frames, reverse, num_cond=
                     "obj_ptr": ptr,
                 }
                 f_np = to_np(feats.float())[0].transpose(1, 2, 0)[None].repeat(b, 0)
-                bank = mb.insert_memory(bank, f, f_np, to_np(ptr).repeat(b, 0), is_cond, upd)
+                bank = _insert(bank, np.int32(f), f_np, to_np(ptr).repeat(b, 0), is_cond, upd)
         dicts.append(od)
 
     curr = torch.randn(HW * HW, b, 256, generator=g)
@@ -245,7 +256,9 @@ def _bank_case(official, cfg, objects, frame_idx, num_frames, reverse, num_cond=
     tpos = to_np(sd["maskmem_tpos_enc"])
     seq_b = to_np(curr).transpose(1, 0, 2)
     pos_b = to_np(curr_pos).transpose(1, 0, 2)
-    mem = mb.assemble_memory(bank, cfg, frame_idx, num_frames, tpos, tpos_proj, reverse)
+    mem = nnx.jit(
+        lambda bk, p: mb.assemble_memory(bk, cfg, frame_idx, num_frames, tpos, p, reverse)
+    )(bank, tpos_proj)
     return bank, mem, want, captured, (seq_b, pos_b, tpos, tpos_proj)
 
 
