@@ -16,6 +16,7 @@ transformer, `mask_tokens` [B, 2, 256]) to the LLM-width visual embeddings that 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from pam_jax.pam import assembly
@@ -72,3 +73,94 @@ class PAMParts(nnx.Module):
         sparse = self.mm_projector_img(vr.compress(keys[1:], self.config.sparse_scale))
         sem = self.mm_projector_semT(sem)
         return assembly.video_embeds(dense, sparse, sem, *self._newlines(dense.dtype))
+
+
+class PAM(nnx.Module):
+    """The whole model: SAM 2 (`sam2`), PAM's own parts (`parts`) and the Qwen2 LLM (`llm`).
+
+    Submodules may be given (loaded ones, see `load_pam`) or are built with random weights.
+    `dtype` is the compute dtype of SAM 2 and the parts, `llm_dtype` that of the LLM.
+    """
+
+    def __init__(
+        self, config: PAMConfig, *, rngs: nnx.Rngs | None = None, dtype=None,
+        llm_dtype=jnp.float32, sam2=None, llm=None, parts: PAMParts | None = None,
+    ):  # fmt: skip
+        from pam_jax.llm.qwen2 import Qwen2ForCausalLM
+        from pam_jax.sam2.model import SAM2Base
+
+        self.config = config
+        if rngs is None and (sam2 is None or llm is None or parts is None):
+            rngs = nnx.Rngs(0)
+        self.sam2 = sam2 if sam2 is not None else SAM2Base(config.sam2, rngs=rngs, dtype=dtype)
+        self.parts = parts if parts is not None else PAMParts(config, rngs=rngs, dtype=dtype)
+        self.llm = (
+            llm if llm is not None
+            else Qwen2ForCausalLM(config.llm, rngs=rngs, dtype=llm_dtype, param_dtype=jnp.float32)
+        )  # fmt: skip
+
+    def image_regions(
+        self, image: jax.Array, coords: jax.Array, labels: jax.Array, valid: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """N regions of one image, as the release's 1-frame video predictor sees them.
+
+        image [1, S, S, 3] normalized; coords [N, P, 2] model-input pixels, labels [N, P]
+        (2 / 3 box corners, 1 / 0 clicks, -1 padding), valid [N, P]. The conditioning frame's
+        features are the backbone's plus `no_mem_embed`; the decoder runs in single-mask mode
+        (`multimask_output_in_sam: False`). Returns (visual embeddings [N, 1042, H], low-res
+        mask logits [N, 4h, 4w] gated by the object score as the video predictor does,
+        object score logits [N]).
+        """
+        from pam_jax.sam2.model import NO_OBJ_SCORE
+
+        sam2 = self.sam2
+        feats = sam2.image_features(image)
+        token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
+        out = sam2.decode_prompts(
+            feats["image_embed"], feats["high_res_feats"], coords, labels, token_valid,
+            multimask_output=False, dynamic_multimask=False,
+        )  # fmt: skip
+        visual = self.parts.image_visual_embeds(out.mid_image_embed, out.mid_mask_tokens)
+        obj = out.object_score_logits[:, 0]
+        low = jnp.where(obj[:, None, None] > 0, out.masks[:, 0], NO_OBJ_SCORE)
+        return visual, low.astype(jnp.float32), obj
+
+
+def load_pam(model_dir, dtype=jnp.float32, llm_dtype=jnp.bfloat16, *, mesh=None):
+    """(PAM, PAMConfig, tokenizer or None) from a `pam-jax convert pam` directory.
+
+    SAM 2 and the parts keep float32 parameters (compute in `dtype`); the LLM's parameters and
+    compute are `llm_dtype` (bf16 halves the bytes read per decoded token).
+    """
+    from pathlib import Path
+
+    from pam_jax.checkpoint import assign_params, load_params, read_model_config
+    from pam_jax.llm.io import load_qwen2
+    from pam_jax.sam2.loading import load_sam2
+
+    d = Path(model_dir)
+    meta = read_model_config(d, "pam")
+    cfg = PAMConfig.from_dict(meta["config"])
+    sam2, _ = load_sam2(d / meta.get("sam2_dir", "sam2"), dtype=dtype or jnp.float32)
+    llm, _, tok = load_qwen2(d / meta.get("llm_dir", "llm"), dtype=llm_dtype, mesh=mesh)
+    parts = nnx.eval_shape(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    assign_params(parts, load_params(d), what=f"{d} (PAM parts)")
+    return PAM(cfg, sam2=sam2, llm=llm, parts=parts), cfg, tok
+
+
+def save_pam(model: PAM, out_dir, tokenizer_dir=None):
+    """Write a PAM model as a model directory (`load_pam` reads it); for tests and demos."""
+    from pathlib import Path
+
+    from pam_jax.checkpoint import flat_params, save_model_dir
+    from pam_jax.llm.io import save_qwen2
+    from pam_jax.sam2.loading import save_sam2
+
+    out = Path(out_dir)
+    save_sam2(model.sam2, out / "sam2")
+    save_qwen2(model.llm, out / "llm", tokenizer_dir=tokenizer_dir)
+    save_model_dir(
+        out, "pam", model.config.to_dict(), flat_params(model.parts),
+        extra={"sam2_dir": "sam2", "llm_dir": "llm"},
+    )  # fmt: skip
+    return out

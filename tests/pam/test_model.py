@@ -1,0 +1,119 @@
+"""The whole PAM image path: SAM 2 taps -> perceiver -> projectors -> ChatML splice -> LLM.
+
+Tiny random model (SAM 2.1 tiny at 512^2, so 32x32 features -> 256 dense tokens; a 2-layer
+Qwen2 over a byte-level ChatML tokenizer). Checks: batching regions (different prompt sizes)
+equals running them one by one; the sampler's greedy tokens equal a cache-free greedy loop on
+the assembled embeddings; save_pam / load_pam round trip; prompt validation.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pam_jax.llm.config import tiny
+from pam_jax.llm.sampler import SamplingParams
+from pam_jax.llm.tokenizer import Tokenizer
+from pam_jax.pam import assembly, prompts
+from pam_jax.pam.config import PAMConfig
+from pam_jax.pam.model import PAM, load_pam, save_pam
+from pam_jax.pam.predictor import PAMPredictor, region_prompts
+from pam_jax.sam2.config import sam2_config
+from pam_jax.sam2.video_io import normalize, preprocess_frame
+from tests.pam.test_prompts import byte_tokenizer
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = Tokenizer(byte_tokenizer(), {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    cfg = PAMConfig(
+        sam2=sam2_config("t", "2.1", image_size=512),
+        llm=tiny(vocab_size=272, hidden_size=64, intermediate_size=128),
+    )
+    model = PAM(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    return cfg, model, tok, image
+
+
+REGIONS = [
+    {"box": [40, 30, 200, 250]},
+    {"points": [[100, 120], [300, 200], [50, 60]], "labels": [1, 1, 0]},
+    {"box": [10, 10, 400, 290], "points": [[200, 150]], "labels": [1]},
+]
+
+
+def test_regions_batched_equal_single(setup):
+    cfg, model, tok, image = setup
+    pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW)
+    together = pred.describe_image(image, REGIONS, "recognize")
+    assert len(together) == 3
+    for i, r in enumerate(REGIONS):
+        alone = pred.describe_image(image, [r], "recognize")[0]
+        assert alone.token_ids == together[i].token_ids
+        np.testing.assert_array_equal(alone.mask, together[i].mask)
+        assert abs(alone.score - together[i].score) < 1e-4
+        assert together[i].mask.shape == (300, 420)
+        assert isinstance(together[i].text, str)
+
+
+def test_greedy_tokens_match_cache_free_loop(setup):
+    """Predictor tokens == argmax loop over full forwards of [text, 274 visual, text] embeds."""
+    cfg, model, tok, image = setup
+    pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW, sampling=SamplingParams())
+    res = pred.describe_image(image, REGIONS[:1], "detailed_caption", "zh")[0]
+    resized, h, w = preprocess_frame(image, 512)
+    coords, labels, valid = region_prompts(REGIONS[:1], (h, w), 512)
+    visual, _, _ = model.image_regions(jnp.asarray(normalize(resized))[None], coords, labels, valid)
+    assert visual.shape == (1, 256 + 18, 64)  # 32x32 map -> 256 dense tokens + 2 nl + 16 sem
+    before, after = prompts.prompt_ids(tok, "detailed_caption", "zh")
+    emb = model.llm.embed(jnp.asarray([before + after]))[0]
+    seq = jnp.concatenate([emb[: len(before)], visual[0], emb[len(before) :]])[None]
+    out = []
+    for _ in range(MAX_NEW):
+        nxt = int(jnp.argmax(model.llm(inputs_embeds=seq)[0, -1]))
+        out.append(nxt)
+        if nxt in tok.stop_ids:
+            break
+        seq = jnp.concatenate([seq, model.llm.embed(jnp.asarray([[nxt]]))], axis=1)
+    assert res.token_ids == out
+
+
+def test_save_load_roundtrip(setup, tmp_path):
+    cfg, model, tok, image = setup
+    save_pam(model, tmp_path / "m")
+    loaded, cfg2, _ = load_pam(tmp_path / "m", llm_dtype=jnp.float32)
+    assert cfg2 == cfg
+    a = PAMPredictor(model, tok, max_new_tokens=MAX_NEW).describe_image(image, REGIONS[:2])
+    b = PAMPredictor(loaded, tok, max_new_tokens=MAX_NEW).describe_image(image, REGIONS[:2])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.mask, y.mask)
+
+
+def test_region_prompt_rules():
+    coords, labels, valid = region_prompts(REGIONS, (300, 420), 1024)
+    assert coords.shape == (3, 4, 2)  # 3 points max -> bucket 4
+    np.testing.assert_array_equal(labels[0], [2, 3, -1, -1])  # box corners first
+    np.testing.assert_array_equal(labels[2], [2, 3, 1, -1])
+    np.testing.assert_allclose(coords[0, 0], [40 / 420 * 1024, 30 / 300 * 1024], rtol=1e-6)
+    assert valid.sum(1).tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match="empty"):
+        region_prompts([{}], (10, 10), 1024)
+    with pytest.raises(ValueError, match="labels"):
+        region_prompts([{"points": [[1, 2]], "labels": [1, 0]}], (10, 10), 1024)
+    with pytest.raises(ValueError, match="unknown keys"):
+        region_prompts([{"mask": 1}], (10, 10), 1024)
+
+
+def test_video_task_rejected_for_images(setup):
+    cfg, model, tok, image = setup
+    with pytest.raises(ValueError, match="video task"):
+        PAMPredictor(model, tok).describe_image(image, REGIONS[:1], "video_caption")
+
+
+def test_assembly_positions_for_sampler():
+    lay = assembly.layout([[1, 2]], [[3]], 5, pad_side="right")
+    assert lay.lengths.tolist() == [8] and lay.mask.all()
