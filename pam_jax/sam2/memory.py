@@ -313,3 +313,40 @@ def prepare_memory_conditioned_features(
     return memory_attention(
         curr, curr_pos, mem.memory, mem.memory_pos, mem.num_obj_ptr_tokens, mem.memory_valid
     )
+
+
+def encode_new_memory(
+    memory_encoder: Callable[..., tuple[jax.Array, jax.Array]],
+    cfg: SAM2Config,
+    pix_feat: jax.Array,
+    pred_masks_high_res: jax.Array,
+    object_score_logits: jax.Array,
+    no_obj_embed_spatial: jax.Array | None,
+    is_mask_from_pts: bool | jax.Array = False,
+    binarize_mask_from_pts: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Official `_encode_new_memory` (eval, `non_overlap_masks_for_mem_enc=False`).
+
+    pix_feat [B, h, w, d_model] (stride-16 backbone features, no memory), pred_masks_high_res
+    [B, H, W, 1] logits, object_score_logits [B, 1]. no_obj_embed_spatial: the model's [1,
+    mem_dim] parameter (SAM 2.1) or None (2.0). With `binarize_mask_from_pts` (set by
+    `build_sam2_video_predictor`) masks from clicks (`is_mask_from_pts`, bool or [B]) are
+    binarized instead of passed through sigmoid. Returns (features [B, h, w, mem_dim],
+    pos [B, h, w, mem_dim]); store the features as bfloat16 (`insert_memory` does).
+    """
+    logits = pred_masks_high_res.astype(jnp.float32)
+    mask = jax.nn.sigmoid(logits)
+    if binarize_mask_from_pts:
+        binar = jnp.asarray(is_mask_from_pts, bool)
+        binar = binar.reshape(binar.shape + (1,) * (4 - binar.ndim))
+        mask = jnp.where(binar, (logits > 0).astype(jnp.float32), mask)
+    if cfg.sigmoid_scale_for_mem_enc != 1.0:
+        mask = mask * cfg.sigmoid_scale_for_mem_enc
+    if cfg.sigmoid_bias_for_mem_enc != 0.0:
+        mask = mask + cfg.sigmoid_bias_for_mem_enc
+    feats, pos = memory_encoder(pix_feat, mask, skip_mask_sigmoid=True)
+    if no_obj_embed_spatial is not None:
+        absent = (object_score_logits > 0).astype(feats.dtype)  # [B, 1]
+        emb = jnp.asarray(no_obj_embed_spatial, feats.dtype).reshape(1, 1, 1, -1)
+        feats = feats + (1 - absent)[:, :, None, None] * emb
+    return feats, pos

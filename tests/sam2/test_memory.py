@@ -432,3 +432,37 @@ def test_memory_modules_annotated_and_bf16(jax_encoder, jax_attention):
     a16 = _run_attention(att16, curr, curr_pos, mem, mem_pos, 16)
     assert a16.dtype == jnp.bfloat16
     assert float(np.abs(np.asarray(a16, np.float32) - a32).max()) < 0.25  # LayerNorm-ed, O(1)
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_encode_new_memory(official, jax_encoder, binarize):
+    """vs official `_encode_new_memory` (2.1: no_obj_embed_spatial on absent objects)."""
+    from pam_jax.sam2 import memory as mb
+    from pam_jax.sam2.config import sam2_config
+
+    cfg = sam2_config("t", "2.1", image_size=512)
+    rng = np.random.default_rng(5)
+    b = 3
+    pix = rng.standard_normal((b, HW, HW, 256)).astype(np.float32)
+    masks = (10 * rng.standard_normal((b, 16 * HW, 16 * HW, 1))).astype(np.float32)
+    scores = np.array([[2.0], [-3.0], [0.5]], np.float32)  # object 1 absent
+    official.binarize_mask_from_pts_for_mem_enc = binarize
+    with torch.no_grad():
+        want, want_pos = official._encode_new_memory(
+            current_vision_feats=[
+                torch.from_numpy(pix.reshape(b, HW * HW, 256).transpose(1, 0, 2))
+            ],
+            feat_sizes=[(HW, HW)],
+            pred_masks_high_res=_nchw(masks),
+            object_score_logits=torch.from_numpy(scores),
+            is_mask_from_pts=True,
+        )
+    want = to_np(want).transpose(0, 2, 3, 1)
+    emb = to_np(official.no_obj_embed_spatial)
+    fn = nnx.jit(lambda enc, p, m, s, e: mb.encode_new_memory(enc, cfg, p, m, s, e, True, binarize))
+    got, pos = fn(jax_encoder, pix, masks, scores, emb)
+    assert pos.shape == (b, HW, HW, 64)
+    _close(pos, to_np(want_pos[0]).transpose(0, 2, 3, 1), 1e-5, "encode_new_memory pos")
+    scale = float(np.abs(want).max())
+    # same tolerance as test_memory_encoder (same network)
+    _close(got, want, 1e-5 * scale, f"encode_new_memory binarize={binarize}")
