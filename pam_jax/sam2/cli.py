@@ -131,7 +131,7 @@ def load_mask_input(path: str | Path, orig_hw: tuple[int, int], low_res: int) ->
 def segment(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
-    from pam_jax.sam2.image_predictor import SAM2ImagePredictor
+    from pam_jax.sam2.image_predictor import SAM2ImagePredictor, check_box, check_points
     from pam_jax.sam2.loading import load_sam2
     from pam_jax.viz import overlay_masks
 
@@ -139,13 +139,18 @@ def segment(args: argparse.Namespace) -> dict:
         raise ValueError("empty prompt: give at least one --point, --box or --mask-input")
     image = load_image(args.image)
     h, w = image.shape[:2]
+    pts = np.array([p[:2] for p in args.point], np.float32).reshape(-1, 2)
+    labels = np.array([p[2] for p in args.point], np.int32)
+    box = np.array(args.box, np.float32) if args.box is not None else None
+    # check the prompts against the image before the (slow) model load
+    if box is not None:
+        check_box(box, (h, w), True, 0)
+    if len(pts):
+        check_points(pts, (h, w), True, 0)
     mask_in = None
     model, cfg = load_sam2(args.model, dtype=jnp.dtype(args.dtype))
     if args.mask_input is not None:
         mask_in = load_mask_input(args.mask_input, (h, w), cfg.low_res_size)
-    pts = np.array([p[:2] for p in args.point], np.float32).reshape(-1, 2)
-    labels = np.array([p[2] for p in args.point], np.int32)
-    box = np.array(args.box, np.float32) if args.box is not None else None
 
     predictor = SAM2ImagePredictor(model)
     predictor.set_image(image)

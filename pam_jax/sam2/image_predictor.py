@@ -253,7 +253,7 @@ class SAM2ImagePredictor:
                 b = np.asarray(b, np.float32)
                 if b.shape != (4,):
                     raise ValueError(f"prompt {i}: a box is 4 numbers x1,y1,x2,y2, got {b.shape}")
-                _check_box(b, (h, w), normalize_coords, i)
+                check_box(b, (h, w), normalize_coords, i)
                 cs.append(to_model(b.reshape(2, 2)))
                 ls.append(np.array([2, 3], np.int32))
             if c is not None:
@@ -272,7 +272,7 @@ class SAM2ImagePredictor:
                     raise ValueError(
                         f"prompt {i}: point labels must be 1 (positive) or 0 (negative), got {lab}"
                     )
-                _check_points(c, (h, w), normalize_coords, i)
+                check_points(c, (h, w), normalize_coords, i)
                 cs.append(to_model(c))
                 ls.append(lab)
             if m is not None:
@@ -348,7 +348,8 @@ def _limits(hw: tuple[int, int], normalized: bool) -> tuple[float, float]:
     return (1.0, 1.0) if not normalized else (float(hw[1]), float(hw[0]))
 
 
-def _check_points(c: np.ndarray, hw, normalize_coords: bool, i: int) -> None:
+def check_points(c: np.ndarray, hw: tuple[int, int], normalize_coords: bool, i: int) -> None:
+    """ValueError unless points [P, 2] lie in the image of size hw (or [0, 1] if normalized)."""
     if not np.all(np.isfinite(c)):
         raise ValueError(f"prompt {i}: point coordinates must be finite, got {c.tolist()}")
     wmax, hmax = _limits(hw, normalize_coords)
@@ -360,7 +361,8 @@ def _check_points(c: np.ndarray, hw, normalize_coords: bool, i: int) -> None:
         )
 
 
-def _check_box(b: np.ndarray, hw, normalize_coords: bool, i: int) -> None:
+def check_box(b: np.ndarray, hw: tuple[int, int], normalize_coords: bool, i: int) -> None:
+    """ValueError unless box [4] is finite, inside the image and has x1 < x2, y1 < y2."""
     if not np.all(np.isfinite(b)):
         raise ValueError(f"prompt {i}: box coordinates must be finite, got {b.tolist()}")
     x1, y1, x2, y2 = b.tolist()

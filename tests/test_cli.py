@@ -1,0 +1,148 @@
+"""The `pam-jax` command, run in-process through `pam_jax.cli.main` with temporary directories.
+
+`segment` is checked against the official `SAM2ImagePredictor` (random perturbed SAM 2.1-tiny
+converted with `pam-jax convert sam2`): PREFIX_logits.npy must be the third value of
+`predict(..., return_logits=True)`. Tolerance as in tests/sam2/test_image_predictor.py: 2e-5
+of the logits' max |value| (float32 summation-order differences, measured ~1.5e-6).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_ref import build_official_sam2, tv_shim
+
+from pam_jax.cli import main
+from pam_jax.demo import sample_image
+
+RTOL_SCALE = 2e-5
+
+
+def _close(got, want, rtol=RTOL_SCALE):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= rtol * np.abs(want).max()
+
+
+def test_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("convert", "segment", "demo"):
+        assert cmd in out
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--help"])
+    assert e.value.code == 0
+    assert "--save-logits" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tv_shim()
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    d = tmp_path_factory.mktemp("cli")
+    ref = build_official_sam2("t", "2.1")
+    ckpt = d / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": ref.state_dict()}, ckpt)
+    assert main(["convert", "sam2", str(ckpt), str(d / "model")]) == 0
+    ckpt.unlink()
+    img, _ = sample_image(480, 640, seed=3)
+    Image.fromarray(img).save(d / "img.png")
+    official = SAM2ImagePredictor(ref)
+    with torch.no_grad():
+        official.set_image(img)
+    return d, official
+
+
+def test_segment_matches_official(setup, tmp_path, capsys):
+    d, official = setup
+    prefix = tmp_path / "out" / "seg"
+    argv = ["segment", "--model", str(d / "model"), "--image", str(d / "img.png"),
+            "--point", "300,200", "--point", "280,190,0", "--box", "260,170,470,380",
+            "--out", str(prefix), "--save-logits"]  # fmt: skip
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    with torch.no_grad():
+        masks, ious, low = official.predict(
+            point_coords=[[300.0, 200.0], [280.0, 190.0]], point_labels=[1, 0],
+            box=[260.0, 170.0, 470.0, 380.0], multimask_output=False, return_logits=True,
+        )  # fmt: skip
+    logits = np.load(str(prefix) + "_logits.npy")
+    assert logits.dtype == np.float32 and logits.shape == (1, 256, 256)
+    _close(logits, low)
+    res = json.loads((tmp_path / "out" / "seg.json").read_text())
+    assert len(res["masks"]) == 1
+    np.testing.assert_allclose(res["masks"][0]["iou_prediction"], ious[0], atol=1e-5)
+    area = int((masks[0] > 0).sum())  # pixels whose logit is within float noise of 0 may flip
+    assert abs(res["masks"][0]["area_pixels"] - area) <= 5 + 1e-4 * area
+    assert isinstance(res["object_score_logit"], float)
+    assert res["prompt"]["points"] == [[300.0, 200.0, 1], [280.0, 190.0, 0]]
+    with Image.open(str(prefix) + ".png") as im:
+        assert im.size == (640, 480)
+
+    # the saved logits fed back as a mask prompt, with three output masks
+    argv = ["segment", "--model", str(d / "model"), "--image", str(d / "img.png"),
+            "--point", "320,220", "--mask-input", str(prefix) + "_logits.npy", "--multimask",
+            "--out", str(prefix) + "2", "--save-logits"]  # fmt: skip
+    assert main(argv) == 0
+    with torch.no_grad():
+        _, ious2, low2 = official.predict(
+            point_coords=[[320.0, 220.0]], point_labels=[1], mask_input=low[:1],
+            multimask_output=True, return_logits=True,
+        )  # fmt: skip
+    logits2 = np.load(str(prefix) + "2_logits.npy")
+    assert logits2.shape == (3, 256, 256)
+    _close(logits2, low2)
+    res2 = json.loads((tmp_path / "out" / "seg2.json").read_text())
+    np.testing.assert_allclose([m["iou_prediction"] for m in res2["masks"]], ious2, atol=1e-5)
+
+
+def test_segment_errors(setup, tmp_path, capsys):
+    d, _ = setup
+    base = ["segment", "--model", str(d / "model"), "--image", str(d / "img.png"),
+            "--out", str(tmp_path / "x")]  # fmt: skip
+
+    def fails(extra, fragment, argv=None):
+        rc = main((argv or base) + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: ") and fragment in err, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+
+    fails([], "empty prompt")
+    fails(["--box", "10,10,700,100"], "outside the image")
+    fails(["--point=-3,10"], "outside the image")
+    fails(["--box", "100,10,50,100"], "x1 < x2")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    fails(
+        ["--point", "5,5"],
+        "not a readable image",
+        ["segment", "--model", str(d / "model"), "--image", str(broken), "--out", "x"],
+    )
+    fails(["--point", "5,5"], "not a directory",
+          ["segment", "--model", str(tmp_path / "none"), "--image", str(d / "img.png"),
+           "--out", "x"])  # fmt: skip
+    np.save(tmp_path / "m.npy", np.zeros((64, 64), np.float32))
+    fails(["--mask-input", str(tmp_path / "m.npy")], "low-res logits")
+    for bad in (["--point", "1,2,3,4"], ["--point", "5,5,2"], ["--box", "1,2,3"]):
+        with pytest.raises(SystemExit) as e:
+            main(base + bad)
+        assert e.value.code == 2
+        assert "must be" in capsys.readouterr().err
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--image-size", "128"]) == 0
+    assert "RANDOM" in capsys.readouterr().out
+    res = json.loads((out / "demo.json").read_text())
+    assert res["weights"].startswith("random")
+    assert [m["prompt"] for m in res["masks"]] == ["box prompt", "point prompt"]
+    with Image.open(out / "demo.png") as im:
+        assert im.size == (640, 480)
+    assert main(["demo", "--out", str(out), "--image-size", "100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
