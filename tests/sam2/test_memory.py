@@ -446,17 +446,19 @@ def test_encode_new_memory(official, jax_encoder, binarize):
     pix = rng.standard_normal((b, HW, HW, 256)).astype(np.float32)
     masks = (10 * rng.standard_normal((b, 16 * HW, 16 * HW, 1))).astype(np.float32)
     scores = np.array([[2.0], [-3.0], [0.5]], np.float32)  # object 1 absent
+    seq = torch.from_numpy(np.ascontiguousarray(pix.reshape(b, HW * HW, 256).transpose(1, 0, 2)))
     official.binarize_mask_from_pts_for_mem_enc = binarize
-    with torch.no_grad():
-        want, want_pos = official._encode_new_memory(
-            current_vision_feats=[
-                torch.from_numpy(pix.reshape(b, HW * HW, 256).transpose(1, 0, 2))
-            ],
-            feat_sizes=[(HW, HW)],
-            pred_masks_high_res=_nchw(masks),
-            object_score_logits=torch.from_numpy(scores),
-            is_mask_from_pts=True,
-        )
+    try:
+        with torch.no_grad():
+            want, want_pos = official._encode_new_memory(
+                current_vision_feats=[seq],
+                feat_sizes=[(HW, HW)],
+                pred_masks_high_res=_nchw(masks),
+                object_score_logits=torch.from_numpy(scores),
+                is_mask_from_pts=True,
+            )
+    finally:
+        official.binarize_mask_from_pts_for_mem_enc = False
     want = to_np(want).transpose(0, 2, 3, 1)
     emb = to_np(official.no_obj_embed_spatial)
     fn = nnx.jit(lambda enc, p, m, s, e: mb.encode_new_memory(enc, cfg, p, m, s, e, True, binarize))
