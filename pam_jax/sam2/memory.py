@@ -21,9 +21,10 @@ Slots (per object):
 
 Insertion overwrites the slot holding the same frame, else an empty slot, else the oldest one
 (ring buffer). The bank reproduces the official selection exactly as long as every frame the
-official code would look up is still held: always true for tracking in one direction with the
-default capacities; tracking forward and then backward over already-tracked frames (where the
-official tracker re-reads the forward pass's memories) needs larger `num_recent`/`num_ptrs`.
+official code would look up is still held: true for tracking in one direction with the default
+`num_recent`/`num_ptrs` and `num_cond` >= the number of prompted frames. Tracking forward and
+then backward over already-tracked frames (where the official tracker re-reads the forward
+pass's memories) needs larger `num_recent`/`num_ptrs`.
 Memory features are stored in bfloat16 like the official video predictor.
 """
 
