@@ -32,7 +32,7 @@ def setup():
         sam2=sam2_config("t", "2.1", image_size=512),
         llm=tiny(vocab_size=272, hidden_size=64, intermediate_size=128),
     )
-    model = PAM(cfg, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: PAM(cfg, rngs=nnx.Rngs(0)))()  # one compiled init, not eager ops
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
     return cfg, model, tok, image
@@ -66,14 +66,16 @@ def test_greedy_tokens_match_cache_free_loop(setup):
     res = pred.describe_image(image, REGIONS[:1], "detailed_caption", "zh")[0]
     resized, h, w = preprocess_frame(image, 512)
     coords, labels, valid = region_prompts(REGIONS[:1], (h, w), 512)
-    visual, _, _ = model.image_regions(jnp.asarray(normalize(resized))[None], coords, labels, valid)
+    regions_fn = nnx.jit(lambda m, *a: m.image_regions(*a))
+    visual, _, _ = regions_fn(model, jnp.asarray(normalize(resized))[None], coords, labels, valid)
     assert visual.shape == (1, 256 + 18, 64)  # 32x32 map -> 256 dense tokens + 2 nl + 16 sem
     before, after = prompts.prompt_ids(tok, "detailed_caption", "zh")
     emb = model.llm.embed(jnp.asarray([before + after]))[0]
     seq = jnp.concatenate([emb[: len(before)], visual[0], emb[len(before) :]])[None]
+    forward = nnx.jit(lambda llm, x: llm(inputs_embeds=x)[0, -1])
     out = []
     for _ in range(MAX_NEW):
-        nxt = int(jnp.argmax(model.llm(inputs_embeds=seq)[0, -1]))
+        nxt = int(jnp.argmax(forward(model.llm, seq)))
         out.append(nxt)
         if nxt in tok.stop_ids:
             break
@@ -117,3 +119,44 @@ def test_video_task_rejected_for_images(setup):
 def test_assembly_positions_for_sampler():
     lay = assembly.layout([[1, 2]], [[3]], 5, pad_side="right")
     assert lay.lengths.tolist() == [8] and lay.mask.all()
+
+
+def test_cli_predict(setup, tmp_path, capsys):
+    import json
+
+    from pam_jax.cli import main
+
+    cfg, model, tok, image = setup
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
+    save_pam(model, tmp_path / "m", tokenizer_dir=tok_dir)
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "img.png")
+    rc = main([
+        "predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png"),
+        "--box", "40,30,200,250", "--box", "10,10,400,290", "--point", "100,120",
+        "--point", "50,60,0", "--task", "brief_cap_en", "--max-new-tokens", "4", "--json",
+        "--out", str(tmp_path / "res"),
+    ])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 3  # two boxes + one click region
+    rows = [json.loads(x) for x in lines]
+    assert rows[2]["labels"] == [1, 0] and "text" in rows[0]
+    assert json.loads((tmp_path / "res.json").read_text()) == rows
+    assert (tmp_path / "res.png").is_file()
+    rc = main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png")])
+    assert rc == 2 and "--box or --point" in capsys.readouterr().err
+
+
+def test_cli_regions_from_args():
+    from pam_jax.pam.cli import regions_from_args
+
+    assert regions_from_args([(1, 2, 3, 4)], [(5, 6, 1)]) == [
+        {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]}
+    ]
+    assert len(regions_from_args([(1, 2, 3, 4), (0, 0, 1, 1)], [(5, 6, 0)])) == 3
