@@ -8,8 +8,9 @@ With `cfg.scan_layers` the decoder layers are one stacked module (`model.layers.
 leading `layers` axis) run under `jax.lax.scan`; `cfg.remat` wraps each layer in
 `jax.checkpoint`. Both are for training; generation uses either layout.
 
-KV cache: one `[B, S, KV, D]` array per layer for keys and one for values (stacked into
-`[L, B, S, KV, D]` when layers are scanned). Every row of a batch writes the same cache slot at
+KV cache: one `[B, KV, S, D]` array per layer for keys and one for values (stacked into
+`[L, B, KV, S, D]` when layers are scanned); heads before slots so both attention matmuls read
+the cache without a transpose. Every row of a batch writes the same cache slot at
 each step (prompts are left-padded inside `sampler.generate`), so writes are a single
 `jax.lax.dynamic_update_slice` with a scalar index.
 """
@@ -29,7 +30,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 class KVCache(NamedTuple):
-    """Keys, values: tuples of per-layer `[B, S, KV, D]` arrays, or stacked `[L, B, S, KV, D]`."""
+    """Keys, values: tuples of per-layer `[B, KV, S, D]` arrays, or stacked `[L, B, KV, S, D]`."""
 
     k: Any
     v: Any
@@ -99,7 +100,7 @@ class Qwen2Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None, attend_cache=False):
         """x [B, T, H]; mask [B, T, S] bool (True = may attend).
 
-        kv: this layer's cache (k, v) [B, S, KV, D] or None. The new keys/values are written at
+        kv: this layer's cache (k, v) [B, KV, S, D] or None. The new keys/values are written at
         slot `cache_index`; attention runs over the whole cache when `attend_cache`, else over
         the T new keys only (a prefill from slot 0 or a cache-free forward).
         """
@@ -112,22 +113,24 @@ class Qwen2Attention(nnx.Module):
         q = constrain(_apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(_apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+        k = jnp.swapaxes(k, 1, 2)  # [B, KV, T, D], the cache layout
+        v = jnp.swapaxes(v, 1, 2)
         if kv is not None:
             ck, cv = kv
-            idx = (0, cache_index, 0, 0)
+            idx = (0, 0, cache_index, 0)
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-            names = ("batch", "cache_length", "act_kv_heads", "head_dim")
+            names = ("batch", "act_kv_heads", "cache_length", "head_dim")
             kv = (constrain(ck, names), constrain(cv, names))
             if attend_cache:
                 k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
         # grouped-query attention without repeating K/V: q [B, T, KV, G, D]
         q = q.reshape(b, t, nkv, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (d**-0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * d)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, self.num_heads * d)
         out = constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), kv
 
@@ -285,7 +288,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         cfg = self.cfg
-        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
         dtype = dtype or self.dtype
         if cfg.scan_layers:
             z = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
