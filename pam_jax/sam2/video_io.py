@@ -153,5 +153,4 @@ def iter_frames(source: str | os.PathLike | Iterable) -> Iterator[np.ndarray]:
             with Image.open(fp) as im:
                 yield np.asarray(im.convert("RGB"))
         return
-    for f in source:
-        yield f
+    yield from source
