@@ -194,6 +194,7 @@ class InferenceState:
     non_cond: dict[int, _NonCond] = dataclasses.field(default_factory=dict)
     frames_tracked: list[dict[int, bool]] = dataclasses.field(default_factory=list)
     cached_features: dict[int, FrameFeatures] = dataclasses.field(default_factory=dict)
+    cond_cache: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
 
 class SAM2VideoPredictor:
@@ -282,6 +283,35 @@ class SAM2VideoPredictor:
             valid = np.concatenate([valid, np.zeros(n_obj - len(valid), bool)])
         return arr, valid
 
+    def _cond_parts(self, state: InferenceState, objs: Sequence[int]):
+        """Conditioning memories of `objs` as [B, Kc, ...] arrays (cached until they change)."""
+        key = tuple(
+            (o, tuple((t, id(out)) for t, out in sorted(state.cond[o].items()))) for o in objs
+        )
+        hit = state.cond_cache.get(key)
+        if hit is not None:
+            return hit
+        cfg = self.config
+        b, hw, c, d = len(objs), cfg.feat_size**2, cfg.mem_dim, cfg.d_model
+        kc = _bucket(max(len(state.cond[o]) for o in objs))
+        cond_frames = np.zeros((b, kc), np.int32)
+        cond_valid = np.zeros((b, kc), bool)
+        cf = jnp.zeros((b, kc, hw, c), jnp.bfloat16)
+        cp = jnp.zeros((b, kc, d), jnp.float32)
+        idx, feats, ptrs = [], [], []
+        for i, o in enumerate(objs):
+            for k, (t, out) in enumerate(sorted(state.cond[o].items())):
+                idx.append((i, k))
+                feats.append(out.mem)
+                ptrs.append(out.obj_ptr)
+                cond_frames[i, k], cond_valid[i, k] = t, True
+        if idx:
+            ii, kk = (np.array(v) for v in zip(*idx))
+            cf = cf.at[ii, kk].set(jnp.stack(feats).astype(jnp.bfloat16))
+            cp = cp.at[ii, kk].set(jnp.stack(ptrs).astype(jnp.float32))
+        state.cond_cache = {key: (cf, cp, cond_frames, cond_valid)}
+        return state.cond_cache[key]
+
     def _bank_parts(
         self, state: InferenceState, objs: Sequence[int], frame_idx: int, reverse: bool
     ) -> dict[str, Any]:
@@ -291,24 +321,7 @@ class SAM2VideoPredictor:
         n_all = len(state.obj_ids)
         b = len(objs)
         hw, c, d = cfg.feat_size**2, cfg.mem_dim, cfg.d_model
-        kc = _bucket(max(len(state.cond[o]) for o in objs))
-        cond_feats = np.zeros((b, kc, hw, c), jnp.bfloat16)
-        cond_ptrs = np.zeros((b, kc, d), np.float32)
-        cond_frames = np.zeros((b, kc), np.int32)
-        cond_valid = np.zeros((b, kc), bool)
-        feats_list, ptr_list = [], []
-        for i, o in enumerate(objs):
-            for k, (t, out) in enumerate(sorted(state.cond[o].items())):
-                feats_list.append((i, k, out.mem))
-                ptr_list.append((i, k, out.obj_ptr))
-                cond_frames[i, k], cond_valid[i, k] = t, True
-        cf = jnp.asarray(cond_feats)
-        cp = jnp.asarray(cond_ptrs)
-        if feats_list:
-            ii = np.array([x[0] for x in feats_list])
-            kk = np.array([x[1] for x in feats_list])
-            cf = cf.at[ii, kk].set(jnp.stack([x[2] for x in feats_list]).astype(jnp.bfloat16))
-            cp = cp.at[ii, kk].set(jnp.stack([x[2] for x in ptr_list]).astype(jnp.float32))
+        cf, cp, cond_frames, cond_valid = self._cond_parts(state, objs)
         sign = -1 if reverse else 1
         objs_a = np.asarray(objs)
 
