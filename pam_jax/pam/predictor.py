@@ -130,6 +130,7 @@ class PAMPredictor:
         self.max_new_tokens = max_new_tokens
         self._graphdef, self._state = nnx.split(model)
         self._llm_graphdef, self._llm_state = nnx.split(model.llm)
+        self._parts_graphdef, self._parts_state = nnx.split(model.parts)
 
     def _stop_and_pad(self) -> tuple[list[int], int]:
         tok = self.tokenizer
@@ -158,8 +159,18 @@ class PAMPredictor:
         visual, masks, obj = _image_step(
             self._graphdef, self._state, img, coords, labels, valid, orig_hw=(h, w)
         )
-        before, after = prompts.prompt_ids(self.tokenizer, task, lang)
-        n = len(regions)
+        masks, obj = np.asarray(masks), np.asarray(obj)
+        texts = self._generate(visual, task, lang, None, rng)
+        return [
+            RegionResult(text, masks[i], float(obj[i]), ids) for i, (text, ids) in enumerate(texts)
+        ]
+
+    def _generate(
+        self, visual: jax.Array, task: str, lang: str, history: str | None, rng: int
+    ) -> list[tuple[str, list[int]]]:
+        """visual [N, V, H] -> N (text, token ids): ChatML splice, then batched generation."""
+        before, after = prompts.prompt_ids(self.tokenizer, task, lang, history)
+        n = visual.shape[0]
         lay = assembly.layout([before] * n, [after] * n, visual.shape[1], pad_side="right")
         embeds = _embed(
             self._llm_graphdef, self._llm_state, jnp.asarray(lay.text_ids), visual,
@@ -171,10 +182,188 @@ class PAMPredictor:
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
             pad_id=pad, rng=rng,
         )  # fmt: skip
-        masks, obj = np.asarray(masks), np.asarray(obj)
         out = []
         for i in range(n):
             ids = [int(t) for t in gen.tokens[i, : gen.lengths[i]]]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            out.append(RegionResult(text, masks[i], float(obj[i]), ids))
+            out.append((self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
         return out
+
+    def describe_video(
+        self,
+        frames: Sequence[Any],
+        region: Mapping[str, Any],
+        task: str = "video_caption",
+        lang: str = "en",
+        *,
+        history: str | None = None,
+        rng: int = 0,
+    ) -> VideoResult:
+        """frames: RGB uint8 [H, W, 3] arrays / PIL images; region: the prompt on frame 0
+        ({"box": ...} and / or {"points": ..., "labels": ...}, original pixels). SAM 2 tracks
+        through every frame; 16 frames (`assembly.select_frames`) feed the LLM. `history` is
+        the previous clip's caption (streaming); None gives the release's "None" / "无"."""
+        if task not in prompts.VIDEO_TASKS and not task.startswith("video_cap"):
+            raise ValueError(f"{task!r} is not a video task; expected {prompts.VIDEO_TASKS}")
+        return _describe_video(self, frames, region, task, lang, history, rng)
+
+    def describe_stream(
+        self,
+        frames: Sequence[Any],
+        region: Mapping[str, Any],
+        clip_ends: Sequence[int],
+        lang: str = "en",
+        *,
+        rng: int = 0,
+    ) -> list[VideoResult]:
+        """Streaming captions (`video_stream_infer_example.ipynb`): clip k = frames
+        [clip_ends[k-1], clip_ends[k]), each an independent SAM 2 + PAM call whose prompt
+        carries the previous clip's caption as history. Clip k > 0 is prompted with the box of
+        the previous clip's last-frame mask (what the notebook intends; its own loop references
+        an undefined name), or the original region when that mask is empty."""
+        ends = [int(e) for e in clip_ends]
+        if not ends or any(b <= a for a, b in zip([0, *ends], ends)) or ends[-1] > len(frames):
+            raise ValueError(f"clip_ends must increase within 1..{len(frames)}, got {ends}")
+        out: list[VideoResult] = []
+        history, prompt, start = None, dict(region), 0
+        for end in ends:
+            res = self.describe_video(
+                frames[start:end], prompt, "streaming_caption", lang, history=history, rng=rng
+            )
+            out.append(res)
+            history = res.text
+            box = _mask_box(res.masks[-1])
+            prompt = {"box": box} if box is not None else dict(region)
+            start = end
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# video: SAM 2 tracks the object through every frame (memory bank), PAM reads 16 of them
+
+
+def _encode_memory_f32(model, vision, low, obj, binarize: bool) -> jax.Array:
+    """`tracker.encode_memory` without its final bfloat16 rounding: in PAM's SAM 2 fork only
+    the conditioning frame's memory is stored in bf16, tracked frames keep float32 (pam.md 8)."""
+    cfg = model.config
+    s = model.image_size
+    high = resize_bilinear(low.astype(jnp.float32), (s, s), False, axes=(-2, -1))
+    prob = (high > 0).astype(jnp.float32) if binarize else jax.nn.sigmoid(high)
+    mask = prob * cfg.sigmoid_scale_for_mem_enc + cfg.sigmoid_bias_for_mem_enc
+    feats, _ = model.memory_encoder(vision, mask[..., None], skip_mask_sigmoid=True)
+    feats = feats.astype(jnp.float32)
+    if model.no_obj_embed_spatial is not None:
+        absent = (obj <= 0).astype(jnp.float32)
+        feats = feats + absent[:, None, None, :] * model.no_obj_embed_spatial[...][None, None]
+    return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+
+
+@partial(jax.jit, static_argnames=("graphdef", "is_cond", "video_hw"))
+def _video_step(
+    graphdef, state, bank, image, coords, labels, valid, frame_idx, num_frames, *,
+    is_cond: bool, video_hw: tuple[int, int],
+):  # fmt: skip
+    """One frame of PAM's SAM 2 tracking (one object): the official `track_step` as PAM's fork
+    runs it (`multimask_output_in_sam: False`, the mask is always the single-mask token's) plus
+    the two perceiver taps. Frame 0 is the prompted conditioning frame (features +
+    `no_mem_embed`); later frames attend the memory bank and get a prompt-less decoder call."""
+    from pam_jax.sam2.memory import insert_memory, prepare_memory_conditioned_features
+    from pam_jax.sam2.model import NO_OBJ_SCORE
+    from pam_jax.sam2.tracker import encode_memory, frame_features
+
+    sam2 = nnx.merge(graphdef, state)
+    cfg = sam2.config
+    feats = frame_features(sam2, image[None])
+    _, h, w, c = feats.vision.shape
+    if is_cond:
+        pix = feats.vision + sam2.no_mem_embed[...].reshape(1, 1, 1, c)
+    else:
+        pix = prepare_memory_conditioned_features(
+            sam2.memory_attention, bank, cfg, frame_idx, num_frames,
+            feats.vision.reshape(1, h * w, c), feats.pos.reshape(h * w, c),
+            sam2.maskmem_tpos_enc[...], sam2.obj_ptr_tpos_proj, False,
+        ).reshape(1, h, w, c).astype(jnp.float32)  # fmt: skip
+    token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
+    out = sam2.decode_prompts(
+        pix, feats.high_res, coords, labels, token_valid,
+        multimask_output=False, dynamic_multimask=False,
+    )  # fmt: skip
+    obj = out.object_score_logits  # [1, 1]
+    low = jnp.where(obj[:, :, None] > 0, out.masks[:, 0], NO_OBJ_SCORE).astype(jnp.float32)
+    ptr = sam2.obj_ptr_proj(out.sam_tokens_out[:, 0]).astype(jnp.float32)
+    lam = (obj > 0).astype(jnp.float32)
+    ptr = lam * ptr + (1 - lam) * sam2.no_obj_ptr[...].astype(jnp.float32)
+    if is_cond:  # binarized mask (prompted frame), rounded to bf16 like the fork
+        mem = encode_memory(sam2, feats.vision, low, obj, jnp.ones((1,), bool))
+    else:
+        mem = _encode_memory_f32(sam2, feats.vision, low, obj, False)
+    bank = insert_memory(bank, frame_idx, mem, ptr, is_cond)
+    video = resize_bilinear(low, video_hw, False, axes=(-2, -1))[0] > 0
+    return bank, video, obj[0, 0], out.mid_image_embed[0], out.mid_mask_tokens[0]
+
+
+@dataclasses.dataclass
+class VideoResult:
+    text: str
+    masks: np.ndarray  # [T, H, W] bool, every input frame
+    scores: np.ndarray  # [T] object score logits
+    frames: np.ndarray  # the 16 frame indices fed to the LLM
+    token_ids: list[int]
+
+
+def _video_bank(cfg):
+    from pam_jax.sam2.memory import init_memory_bank
+
+    bank = init_memory_bank(cfg, 1, num_cond=1)
+    # tracked frames' memories stay float32 in PAM's fork: a float32 ring buffer keeps them
+    return bank.replace(recent_feats=bank.recent_feats.astype(jnp.float32))
+
+
+def _mask_box(mask: np.ndarray) -> list[float] | None:
+    """The xyxy bounding box of a bool mask (the streaming notebook's re-prompt box)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def _describe_video(self: PAMPredictor, frames, region, task, lang, history, rng):
+    if not len(frames):
+        raise ValueError("a video needs at least one frame")
+    size = self.image_size
+    pre = [preprocess_frame(f, size) for f in frames]  # PIL resize per frame, as the loader
+    h, w = pre[0][1], pre[0][2]
+    if any((fh, fw) != (h, w) for _, fh, fw in pre):
+        raise ValueError("all frames of a video must have the same size")
+    coords, labels, valid = region_prompts([region], (h, w), size)
+    none_c = np.zeros_like(coords)
+    none_l = -np.ones_like(labels)
+    none_v = np.zeros_like(valid)
+    none_v[:, 0] = True  # the official (0, 0) / -1 placeholder point of a prompt-less call
+    n = len(pre)
+    chosen = assembly.select_frames(n, self.model.config.num_frames)
+    wanted = set(chosen.tolist())
+    sam2 = self.model.sam2
+    gd, st = nnx.split(sam2)
+    bank = _video_bank(sam2.config)
+    masks, scores, taps = [], [], {}
+    for f, (img, _, _) in enumerate(pre):  # tracking is sequential: one jitted step per frame
+        cond = f == 0
+        c, lab, v = (coords, labels, valid) if cond else (none_c, none_l, none_v)
+        bank, m, s, emb, tok = _video_step(
+            gd, st, bank, jnp.asarray(normalize(img)), c, lab, v, np.int32(f), np.int32(n),
+            is_cond=cond, video_hw=(h, w),
+        )  # fmt: skip
+        masks.append(np.asarray(m))
+        scores.append(float(s))
+        if f in wanted:
+            taps[f] = (emb, tok)
+    embeds = jnp.stack([taps[int(f)][0] for f in chosen])
+    tokens = jnp.stack([taps[int(f)][1] for f in chosen])
+    visual = _video_visual(self._parts_graphdef, self._parts_state, embeds, tokens)[None]
+    text, ids = self._generate(visual, task, lang, history, rng)[0]
+    return VideoResult(text, np.stack(masks), np.asarray(scores), chosen, ids)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _video_visual(graphdef, state, embeds, tokens):
+    return nnx.merge(graphdef, state).video_visual_embeds(embeds, tokens)

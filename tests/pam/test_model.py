@@ -175,3 +175,59 @@ def test_cli_regions_from_args():
         {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]}
     ]
     assert len(regions_from_args([(1, 2, 3, 4), (0, 0, 1, 1)], [(5, 6, 0)])) == 3
+
+
+def _frames(n, seed=1):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    return [np.roll(base, 7 * i, axis=1) for i in range(n)]  # a panning "video"
+
+
+def test_video_caption(setup):
+    cfg, model, tok, image = setup
+    pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW)
+    frames = _frames(5)
+    res = pred.describe_video(frames, REGIONS[0], "video_caption", "en")
+    assert res.masks.shape == (5, 300, 420) and res.scores.shape == (5,)
+    np.testing.assert_array_equal(res.frames, assembly.select_frames(5))
+    # frame 0 is the prompted conditioning frame: the same SAM 2 path as an image
+    img_res = pred.describe_image(frames[0], [REGIONS[0]], "recognize")[0]
+    np.testing.assert_array_equal(res.masks[0], img_res.mask)
+    assert abs(res.scores[0] - img_res.score) < 1e-4
+    assert isinstance(res.text, str) and len(res.token_ids) <= MAX_NEW
+
+
+def test_video_visual_length(setup):
+    """512^2 model: dense 16x16=256 -> (256+19) + 15 * ((32/4)^2 + 19) embeddings."""
+    cfg, model, tok, image = setup
+    emb = jnp.zeros((16, 32, 32, 256))
+    tokens = jnp.zeros((16, 2, 256))
+    out = model.parts.video_visual_embeds(emb, tokens)
+    assert out.shape == (256 + 19 + 15 * (64 + 19), 64)
+
+
+def test_streaming(setup, monkeypatch):
+    cfg, model, tok, image = setup
+    pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW)
+    seen = []
+    real = prompts.prompt_ids
+
+    def spy(tokenizer, task, lang="en", history=None, **kw):
+        seen.append((task, history))
+        return real(tokenizer, task, lang, history, **kw)
+
+    monkeypatch.setattr(prompts, "prompt_ids", spy)
+    out = pred.describe_stream(_frames(6), REGIONS[0], [3, 6])
+    assert len(out) == 2 and out[1].masks.shape == (3, 300, 420)
+    assert seen == [("streaming_caption", None), ("streaming_caption", out[0].text)]
+    with pytest.raises(ValueError, match="clip_ends"):
+        pred.describe_stream(_frames(2), REGIONS[0], [3])
+
+
+def test_mask_box():
+    from pam_jax.pam.predictor import _mask_box
+
+    m = np.zeros((10, 12), bool)
+    assert _mask_box(m) is None
+    m[2:5, 3:9] = True
+    assert _mask_box(m) == [3.0, 2.0, 9.0, 5.0]
