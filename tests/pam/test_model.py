@@ -136,24 +136,33 @@ def test_assembly_positions_for_sampler():
     assert lay.lengths.tolist() == [8] and lay.mask.all()
 
 
-def test_cli_predict(setup, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def model_dir(setup, tmp_path_factory):
     import json
 
-    from pam_jax.cli import main
-
     cfg, model, tok, image = setup
-    tok_dir = tmp_path / "tok"
+    d = tmp_path_factory.mktemp("pamdir")
+    tok_dir = d / "tok"
     tok_dir.mkdir()
     tok.tok.save(str(tok_dir / "tokenizer.json"))
     (tok_dir / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     )
-    save_pam(model, tmp_path / "m", tokenizer_dir=tok_dir)
+    save_pam(model, d / "m", tokenizer_dir=tok_dir)
+    return d / "m"
+
+
+def test_cli_predict(setup, model_dir, tmp_path, capsys):
+    import json
+
     from PIL import Image
 
+    from pam_jax.cli import main
+
+    cfg, model, tok, image = setup
     Image.fromarray(image).save(tmp_path / "img.png")
     rc = main([
-        "predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png"),
+        "predict", "--model", str(model_dir), "--image", str(tmp_path / "img.png"),
         "--box", "40,30,200,250", "--box", "10,10,400,290", "--point", "100,120",
         "--point", "50,60,0", "--task", "brief_cap_en", "--max-new-tokens", "4", "--json",
         "--out", str(tmp_path / "res"),
@@ -164,7 +173,7 @@ def test_cli_predict(setup, tmp_path, capsys):
     assert rows[2]["labels"] == [1, 0] and "text" in rows[0]
     assert json.loads((tmp_path / "res.json").read_text()) == rows
     assert (tmp_path / "res.png").is_file()
-    rc = main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png")])
+    rc = main(["predict", "--model", str(model_dir), "--image", str(tmp_path / "img.png")])
     assert rc == 2 and "--box or --point" in capsys.readouterr().err
 
 
@@ -231,3 +240,28 @@ def test_mask_box():
     assert _mask_box(m) is None
     m[2:5, 3:9] = True
     assert _mask_box(m) == [3.0, 2.0, 9.0, 5.0]
+
+
+def test_cli_predict_video(model_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from pam_jax.cli import main
+
+    vid = tmp_path / "frames"
+    vid.mkdir()
+    for i, f in enumerate(_frames(5)):
+        Image.fromarray(f).save(vid / f"{i:05d}.jpg")
+    rc = main([
+        "predict", "--model", str(model_dir), "--video", str(vid), "--box", "40,30,200,250",
+        "--clip-ends", "3,5", "--max-new-tokens", "3", "--json", "--out", str(tmp_path / "v"),
+    ])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 2
+    rows = [json.loads(x) for x in lines]
+    assert [(r["first_frame"], r["last_frame"]) for r in rows] == [(0, 2), (3, 4)]
+    assert np.load(tmp_path / "v_masks.npy").shape == (5, 300, 420)
+    rc = main(["predict", "--model", str(model_dir), "--video", str(vid),
+               "--box", "1,1,5,5", "--box", "2,2,6,6"])  # fmt: skip
+    assert rc == 2 and "one region" in capsys.readouterr().err
