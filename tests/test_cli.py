@@ -146,3 +146,24 @@ def test_demo(tmp_path, capsys):
         assert im.size == (640, 480)
     assert main(["demo", "--out", str(out), "--image-size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_mask_input_files(tmp_path):
+    """--mask-input: an image mask becomes +-10 logits at low resolution; a logits .npy is used
+    as is (its first mask); wrong sizes are clear errors."""
+    from pam_jax.sam2.cli import load_mask_input
+
+    m = np.zeros((480, 640), np.uint8)
+    m[100:300, 200:500] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    low = load_mask_input(tmp_path / "m.png", (480, 640), 256)
+    assert low.shape == (1, 256, 256) and low.dtype == np.float32
+    assert low.max() <= 10 + 1e-5 and low.min() >= -10 - 1e-5
+    assert low[0, 106, 133] > 9 and low[0, 10, 10] < -9  # inside / outside the rectangle
+    logits = np.random.default_rng(0).normal(size=(3, 256, 256)).astype(np.float32)
+    np.save(tmp_path / "l.npy", logits)
+    np.testing.assert_array_equal(load_mask_input(tmp_path / "l.npy", (480, 640), 256), logits[:1])
+    with pytest.raises(ValueError, match="the image is"):
+        load_mask_input(tmp_path / "m.png", (100, 100), 256)
+    with pytest.raises(ValueError, match="no such file"):
+        load_mask_input(tmp_path / "missing.png", (480, 640), 256)
