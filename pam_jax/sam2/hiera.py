@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pam_jax.sam2.common import MLP, gelu, layer_norm, linear
+from pam_jax.sam2.common import MLP, gelu, layer_norm, linear, sdpa
 from pam_jax.sam2.config import HieraConfig
 from pam_jax.sam2.ops import torch_bicubic_resize
 from pam_jax.sharding import constrain
@@ -99,7 +99,7 @@ class MultiScaleAttention(nnx.Module):
             q = q.reshape(b, h * w, self.num_heads, -1)
         # scale 1/sqrt(hd), no mask (padded tokens are real keys, as in the official code);
         # the XLA path computes logits and softmax in float32 for bf16 inputs as well.
-        o = jax.nn.dot_product_attention(q, k, v)
+        o = sdpa(q, k, v)
         return self.proj(o.reshape(b, h, w, -1))
 
 
