@@ -31,6 +31,9 @@ class Qwen2Config:
     # training / execution options (not part of the HF config)
     scan_layers: bool = False
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
+    # one-token decode attention: "auto" (Pallas flash-decoding kernel on GPU, XLA elsewhere),
+    # "xla", "pallas", or "pallas_interpret" (the Pallas kernel interpreted, for CPU tests)
+    decode_attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -40,6 +43,8 @@ class Qwen2Config:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.decode_attention not in ("auto", "xla", "pallas", "pallas_interpret"):
+            raise ValueError(f"unknown decode_attention {self.decode_attention!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 

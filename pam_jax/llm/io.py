@@ -63,6 +63,7 @@ def load_qwen2(
     param_dtype=None,
     scan_layers: bool = False,
     remat: str = "none",
+    decode_attention: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     tokenizer: bool = True,
 ) -> tuple[Qwen2ForCausalLM, Qwen2Config, Tokenizer | None]:
@@ -74,7 +75,9 @@ def load_qwen2(
     """
     from pam_jax.sharding import named_sharding, param_names
 
-    cfg = read_config(model_dir, scan_layers=scan_layers, remat=remat)
+    cfg = read_config(
+        model_dir, scan_layers=scan_layers, remat=remat, decode_attention=decode_attention
+    )
     param_dtype = param_dtype or dtype
     f = Path(model_dir) / WEIGHTS_FILE
     if not f.is_file():
@@ -139,7 +142,9 @@ def save_qwen2(
     for k, shape in want.items():
         entries.append((k, np.dtype(produce(k).dtype), shape))
     write_safetensors(out / WEIGHTS_FILE, entries, produce, {"format": FORMAT, "kind": KIND})
-    write_config(out, cfg.replace(scan_layers=False, remat="none"), hf_config)
+    write_config(
+        out, cfg.replace(scan_layers=False, remat="none", decode_attention="auto"), hf_config
+    )
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     return out

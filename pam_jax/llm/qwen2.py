@@ -84,6 +84,45 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
+def _decode_splits(s: int) -> tuple[int, int] | None:
+    """(k_splits, block_k) for the Pallas decode kernel over a cache of s slots, or None."""
+    for ks in (16, 8, 4, 2):
+        n = s // ks
+        if s % ks == 0 and n >= 16 and n % 16 == 0:
+            return ks, next(bk for bk in (128, 64, 32, 16) if n % bk == 0)
+    return None
+
+
+def _use_pallas(impl: str, cache_len: int) -> bool:
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl.startswith("pallas") and _decode_splits(cache_len) is not None
+
+
+def _pallas_decode(q, k, v, ranges, impl: str) -> jax.Array:
+    """Flash-decoding (split-K) GQA attention of one query token over the cache.
+
+    q [B, 1, H, D]; k, v [B, KV, S, D]; ranges = (start, end) per row. A Pallas (Triton) kernel
+    from jax.experimental: XLA's own decode attention is a chain of small latency-bound kernels.
+    """
+    from jax.experimental.pallas.ops.gpu.decode_attention import gqa
+
+    b, _, h, d = q.shape
+    ks, bk = _decode_splits(k.shape[2])
+    start, end = ranges
+    out = gqa(
+        q.reshape(b, h, d),
+        jnp.swapaxes(k, 1, 2),
+        jnp.swapaxes(v, 1, 2),
+        start_idx=start,
+        kv_seq_len=end,
+        k_splits=ks,
+        block_k=bk,
+        interpret=impl == "pallas_interpret",
+    )
+    return out.reshape(b, 1, h * d).astype(q.dtype)
+
+
 class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs, dtype, param_dtype):
         h, q, kv = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
@@ -96,9 +135,11 @@ class Qwen2Attention(nnx.Module):
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.dtype = dtype
+        self.decode_attention = cfg.decode_attention
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None, attend_cache=False):
-        """x [B, T, H]; mask [B, T, S] bool (True = may attend).
+        """x [B, T, H]; mask [B, T, S] bool (True = may attend), or for a one-token step over
+        the cache a pair (start [B], end [B]): row b attends to slots start <= j < end.
 
         kv: this layer's cache (k, v) [B, KV, S, D] or None. The new keys/values are written at
         slot `cache_index`; attention runs over the whole cache when `attend_cache`, else over
@@ -124,6 +165,14 @@ class Qwen2Attention(nnx.Module):
             kv = (constrain(ck, names), constrain(cv, names))
             if attend_cache:
                 k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
+        if isinstance(mask, tuple):  # (start, end) key ranges of a one-token decode step
+            if attend_cache and t == 1 and _use_pallas(self.decode_attention, k.shape[2]):
+                out = _pallas_decode(q, k, v, mask, self.decode_attention)
+                out = constrain(out, ("batch", "length", "act_heads"))
+                return self.o_proj(out), kv
+            slots = jnp.arange(k.shape[2])
+            start, end = mask
+            mask = ((slots[None] >= start[:, None]) & (slots[None] < end[:, None]))[:, None, :]
         # grouped-query attention without repeating K/V: q [B, T, KV, G, D]
         q = q.reshape(b, t, nkv, g, d)
         scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)

@@ -224,8 +224,6 @@ def _generate(
         rng=rng,
         seen=seen,
     )
-    kv_slots = jnp.arange(cache_length)
-    kv_valid = kv_slots[None, :] >= start[:, None]
 
     def cond(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -234,7 +232,7 @@ def _generate(
         step = s["step"]
         slot = t + step - 1  # where the last token's k/v go
         pos = (lengths + step - 1)[:, None]
-        m = (kv_valid & (kv_slots[None, :] <= slot))[:, None, :]
+        m = (start, jnp.full((b,), slot + 1, jnp.int32))  # keys start <= j <= slot
         xe = model.embed(s["last"][:, None])
         h, cache = model.hidden_states(xe, pos, m, s["cache"], slot, attend_cache=True)
         lg = model.logits(h[:, 0])
@@ -311,7 +309,11 @@ def generate(
             f"cache length {limit}"
         )
     tb = bucket_length(n, buckets)
-    cache_length = -(-(tb + max_new_tokens) // 8) * 8
+    # the Pallas decode kernel splits the cache into 16 chunks of a multiple of 16 slots
+    impl = cfg.decode_attention
+    pallas = impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
+    align = 256 if pallas else 8
+    cache_length = -(-(tb + max_new_tokens) // align) * align
     if cache_length > limit:
         cache_length = tb + max_new_tokens
         if cache_length > limit:  # the bucket rounding pushed it over: pad to n exactly

@@ -216,3 +216,14 @@ def test_errors(one):
     # an exact fit still works: the bucket falls back to the prompt length
     out = generate(model, input_ids=ids, max_new_tokens=4, max_cache_length=24)
     assert out.tokens.shape == (1, 4)
+
+
+def test_pallas_decode_kernel_matches_xla(converted_untied):
+    """The GPU flash-decoding kernel (run by the Pallas interpreter on CPU) == XLA attention."""
+    _, _, jd = converted_untied
+    xla, _, _ = load_qwen2(jd, jnp.float32, decode_attention="xla")
+    pal, _, _ = load_qwen2(jd, jnp.float32, decode_attention="pallas_interpret")
+    ids = right_padded(LENS, seed=16)
+    a = generate(xla, input_ids=ids, prompt_lengths=LENS, max_new_tokens=8)
+    b = generate(pal, input_ids=ids, prompt_lengths=LENS, max_new_tokens=8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
