@@ -126,11 +126,33 @@ class PAM(nnx.Module):
         return visual, low.astype(jnp.float32), obj
 
 
-def load_pam(model_dir, dtype=jnp.float32, llm_dtype=jnp.bfloat16, *, mesh=None):
+def resize_vocab(llm, n: int):
+    """The release's `resize_token_embeddings(len(tokenizer))`: keep the first `n` rows of the
+    embedding (and of an untied lm_head), so the padded, untrained rows (151936 -> 151665 for
+    Qwen2.5) can never be generated. In place; returns the new Qwen2 config."""
+    cfg = llm.cfg
+    if n >= cfg.vocab_size:
+        return cfg
+    new = cfg.replace(vocab_size=n)
+    emb = llm.model.embed_tokens
+    emb.embedding.set_value(emb.embedding[...][:n])
+    emb.num_embeddings = n
+    if not cfg.tie_word_embeddings:
+        llm.lm_head.kernel.set_value(llm.lm_head.kernel[...][:, :n])
+        llm.lm_head.out_features = n
+    llm.cfg = new
+    llm.model.cfg = new
+    return new
+
+
+def load_pam(
+    model_dir, dtype=jnp.float32, llm_dtype=jnp.bfloat16, *, mesh=None, resize_to_tokenizer=True
+):
     """(PAM, PAMConfig, tokenizer or None) from a `pam-jax convert pam` directory.
 
     SAM 2 and the parts keep float32 parameters (compute in `dtype`); the LLM's parameters and
-    compute are `llm_dtype` (bf16 halves the bytes read per decoded token).
+    compute are `llm_dtype` (bf16 halves the bytes read per decoded token). Like the release's
+    loader, the vocabulary is cut to the tokenizer's length (`resize_to_tokenizer`).
     """
     from pathlib import Path
 
@@ -145,6 +167,8 @@ def load_pam(model_dir, dtype=jnp.float32, llm_dtype=jnp.bfloat16, *, mesh=None)
     llm, _, tok = load_qwen2(d / meta.get("llm_dir", "llm"), dtype=llm_dtype, mesh=mesh)
     parts = nnx.eval_shape(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     assign_params(parts, load_params(d), what=f"{d} (PAM parts)")
+    if resize_to_tokenizer and tok is not None and tok.vocab_size < cfg.llm.vocab_size:
+        cfg = cfg.replace(llm=resize_vocab(llm, tok.vocab_size))
     return PAM(cfg, sam2=sam2, llm=llm, parts=parts), cfg, tok
 
 

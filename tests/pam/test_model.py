@@ -265,3 +265,20 @@ def test_cli_predict_video(model_dir, tmp_path, capsys):
     rc = main(["predict", "--model", str(model_dir), "--video", str(vid),
                "--box", "1,1,5,5", "--box", "2,2,6,6"])  # fmt: skip
     assert rc == 2 and "one region" in capsys.readouterr().err
+
+
+def test_resize_vocab(setup):
+    """load_pam cuts the vocabulary to the tokenizer (the release's resize_token_embeddings)."""
+    from pam_jax.pam.model import resize_vocab
+
+    cfg, model, tok, image = setup
+    gd, st = nnx.split(model.llm)
+    llm = nnx.merge(gd, st)  # a second module over the same arrays; resize replaces values
+    ids = jnp.asarray([[1, 2, 3, 200]])
+    full = np.asarray(model.llm(ids))
+    new = resize_vocab(llm, tok.vocab_size)
+    assert new.vocab_size == tok.vocab_size == 259 and llm.cfg.vocab_size == 259
+    out = np.asarray(llm(ids))
+    assert out.shape == (1, 4, 259)
+    np.testing.assert_allclose(out, full[..., :259], atol=1e-5, rtol=0)
+    assert model.llm.cfg.vocab_size == 272  # the original is untouched
