@@ -745,9 +745,9 @@ class StreamingTracker:
         f = self.frame_idx
         self.frame_idx += 1
         n = len(self.obj_ids)
-        video = np.asarray(video[:n])
+        video = np.array(video)[:n]  # a writable host copy
         video[~self._started[:n]] = NO_OBJ_SCORE
-        return f, list(self.obj_ids), video, np.asarray(scores[:n])
+        return f, list(self.obj_ids), video, np.array(scores)[:n]
 
     def track(
         self, frames: Iterable[Any]
