@@ -14,8 +14,9 @@ All regions of one image share one image encoding and run as one batch (one comp
 number of regions and of points, both bucketed). Decoding defaults to greedy with the
 checkpoint's repetition penalty (generation_config.json, 1.05 for the release: HF applies it in
 greedy decoding too); the notebooks sample at temperature 0.1 (pass `SamplingParams`).
-Known difference: the release shrinks the embedding to the tokenizer's length (151665) before
-generating; pam-jax keeps the padded vocabulary (151936), whose extra rows are never trained.
+The vocabulary is cut to the tokenizer's length by `load_pam`, as the release does.
+Known difference: SAM 2's `fill_hole_area=8` post-processing (it needs the official CUDA
+extension `sam2._C`, which PAM's fork ships) is not applied to the masks, as in pam_jax.sam2.
 """
 
 from __future__ import annotations

@@ -282,3 +282,9 @@ def test_resize_vocab(setup):
     assert out.shape == (1, 4, 259)
     np.testing.assert_allclose(out, full[..., :259], atol=1e-5, rtol=0)
     assert model.llm.cfg.vocab_size == 272  # the original is untouched
+
+
+def test_parts_params_annotated(setup):
+    from pam_jax.sharding import unannotated_params
+
+    assert unannotated_params(setup[1].parts) == []
