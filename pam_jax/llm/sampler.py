@@ -195,7 +195,14 @@ def _left_align(x: jax.Array, lengths: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("structure", "max_new_tokens", "cache_length", "mode", "from_ids"),
+    static_argnames=(
+        "structure",
+        "max_new_tokens",
+        "cache_length",
+        "mode",
+        "from_ids",
+        "decode_batch",
+    ),
 )
 def _generate(
     structure,
@@ -212,9 +219,10 @@ def _generate(
     cache_length: int,
     mode: tuple,
     from_ids: bool,
+    decode_batch: int,
 ):
-    b, t = prompt.shape[:2]
-    TRACES[(t, b, max_new_tokens)] += 1  # runs only while tracing
+    b0, t = prompt.shape[:2]
+    TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
     model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
     use_pen = mode[3]
     x = model.embed(prompt) if from_ids else prompt
@@ -224,7 +232,7 @@ def _generate(
     positions = jnp.maximum(slots[None, :] - start[:, None], 0)
     valid = slots[None, :] >= start[:, None]
     mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]
-    cache = model.init_cache(b, cache_length)
+    cache = model.init_cache(b0, cache_length)
     h, cache = model.hidden_states(x, positions, mask, cache, 0, attend_cache=False)
     logits = model.logits(h[:, -1])
 
@@ -233,6 +241,17 @@ def _generate(
 
     rng, key = jax.random.split(rng)
     first = _sample(logits, seen, key, values, mode)
+    b = max(b0, decode_batch)
+    if b > b0:  # decode with copies of row 0 (prefill ran on the real rows only)
+
+        def grow(a, axis=0):
+            extra = jnp.repeat(jax.lax.slice_in_dim(a, 0, 1, axis=axis), b - b0, axis=axis)
+            return jnp.concatenate([a, extra], axis=axis)
+
+        axis = 1 if model.cfg.scan_layers else 0  # stacked caches are [L, B, ...]
+        cache = jax.tree.map(lambda c: grow(c, axis), cache)
+        first, lengths, start = grow(first), grow(lengths), grow(start)
+        seen = None if seen is None else grow(seen)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     if use_pen:
         seen = seen.at[jnp.arange(b), first].set(True)
@@ -278,7 +297,7 @@ def _generate(
         )
 
     out = jax.lax.while_loop(cond, body, state0)
-    return out["tokens"], out["lengths"]
+    return out["tokens"][:b0], out["lengths"][:b0]
 
 
 def generate(
@@ -305,8 +324,8 @@ def generate(
     is an error.
 
     `model` is a `Qwen2ForCausalLM` or a `prepare(model)` (saves the split per call).
-    `min_batch` pads the batch with copies of row 0 (default 2 on GPU, where XLA's M=1
-    matrix-vector products run at a third of the M=2 bandwidth; 1 elsewhere).
+    `min_batch` pads the decode loop's batch with copies of row 0 after the prefill (default 2
+    on GPU, where XLA's M=1 matrix-vector products run at a third of the M=2 bandwidth).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -364,12 +383,6 @@ def generate(
     if min_batch is None:
         min_batch = 2 if jax.default_backend() == "gpu" else 1
     lengths_in = jnp.asarray(lengths, jnp.int32)
-    if b < min_batch:  # extra rows repeat row 0; they are dropped below
-        rep = jnp.zeros((min_batch - b,), jnp.int32)
-        prompt = jnp.concatenate([prompt, prompt[rep]], axis=0)
-        lengths_in = jnp.concatenate([lengths_in, lengths_in[rep]])
-        if seen is not None:
-            seen = jnp.concatenate([seen, seen[rep]], axis=0)
     pm = prepare(model)
     tokens, lens = _generate(
         pm.structure,
@@ -385,5 +398,6 @@ def generate(
         cache_length=cache_length,
         mode=mode,
         from_ids=from_ids,
+        decode_batch=max(b, min_batch),
     )
-    return Generated(np.asarray(tokens)[:b], np.asarray(lens)[:b])
+    return Generated(np.asarray(tokens), np.asarray(lens))

@@ -227,3 +227,14 @@ def test_pallas_decode_kernel_matches_xla(converted_untied):
     a = generate(xla, input_ids=ids, prompt_lengths=LENS, max_new_tokens=8)
     b = generate(pal, input_ids=ids, prompt_lengths=LENS, max_new_tokens=8)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_decode_batch_padding(one):
+    """GPU pads batch 1 to 2 for the decode loop (min_batch): same tokens, same output shape."""
+    _, model, _ = one
+    ids = right_padded([7], seed=17)
+    sp = SamplingParams(repetition_penalty=1.3)
+    a = generate(model, input_ids=ids, max_new_tokens=8, sampling=sp, min_batch=1)
+    b = generate(model, input_ids=ids, max_new_tokens=8, sampling=sp, min_batch=2)
+    assert b.tokens.shape == (1, 8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
