@@ -14,8 +14,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pam_jax.sam2.config import SAM2Config
+    from pam_jax.sam2.model import SAM2Base
 
 RANDOM_WARNING = (
     "NOTE: the SAM 2 weights are RANDOM (untrained); the masks demonstrate the pipeline, not "
@@ -23,7 +28,9 @@ RANDOM_WARNING = (
 )
 
 
-def random_sam2(size: str = "t", version: str = "2.1", image_size: int = 512, seed: int = 0):
+def random_sam2(
+    size: str = "t", version: str = "2.1", image_size: int = 512, seed: int = 0
+) -> tuple[SAM2Base, SAM2Config]:
     """A SAM2Base with random weights, filled on the host with numpy (fast on CPU).
 
     Kernels get LeCun-normal values (flax's default), biases 0, norm scales 1, learned tokens

@@ -241,8 +241,14 @@ def test_batched_equals_one_at_a_time(predictors):
             )
 
 
-def test_forward_sam_heads_parity(predictors):
-    """SAM2Base.forward_sam_heads == official _forward_sam_heads (gating, upsampling, obj ptr)."""
+@pytest.mark.parametrize("shift", [0.0, 30.0], ids=["as-is", "objects-present"])
+def test_forward_sam_heads_parity(predictors, shift):
+    """SAM2Base.forward_sam_heads == official _forward_sam_heads (gating, upsampling, obj ptr).
+
+    With random weights the object score may be negative for every row, which replaces all
+    masks by NO_OBJ_SCORE; `shift` raises the object-score bias on both sides so the ungated
+    mask path is compared too. Masks are compared row by row, each at its own scale.
+    """
     official, ours, _, ref = predictors
     feats = official._features
     emb, hr = feats["image_embed"], feats["high_res_feats"]
@@ -255,27 +261,44 @@ def test_forward_sam_heads_parity(predictors):
         dict(point_inputs={"point_coords": coords, "point_labels": labels}, multimask_output=True),
         dict(mask_inputs=mask, multimask_output=False),
     ]
-    for case in cases:
-        b = 2
+    t_bias = ref.sam_mask_decoder.pred_obj_score_head.layers[2].bias
+    j_bias = model.sam_mask_decoder.pred_obj_score_head.layers[2].bias
+    old = j_bias[...]
+    try:
         with torch.no_grad():
-            want = ref._forward_sam_heads(
-                backbone_features=emb.expand(b, -1, -1, -1),
-                high_res_features=[h.expand(b, -1, -1, -1) for h in hr],
-                **case,
+            t_bias += shift
+        j_bias[...] = old + shift
+        for case in cases:
+            b = 2
+            with torch.no_grad():
+                want = ref._forward_sam_heads(
+                    backbone_features=emb.expand(b, -1, -1, -1),
+                    high_res_features=[h.expand(b, -1, -1, -1) for h in hr],
+                    **case,
+                )
+            pi = case.get("point_inputs")
+            got = model.forward_sam_heads(
+                np.repeat(_nhwc(emb), b, 0),
+                None if pi is None else to_np(pi["point_coords"]),
+                None if pi is None else to_np(pi["point_labels"]).astype(np.int32),
+                None if "mask_inputs" not in case else _nhwc(case["mask_inputs"]),
+                tuple(np.repeat(_nhwc(h), b, 0) for h in hr),
+                multimask_output=case["multimask_output"],
             )
-        pi = case.get("point_inputs")
-        got = model.forward_sam_heads(
-            np.repeat(_nhwc(emb), b, 0),
-            None if pi is None else to_np(pi["point_coords"]),
-            None if pi is None else to_np(pi["point_labels"]).astype(np.int32),
-            None if "mask_inputs" not in case else _nhwc(case["mask_inputs"]),
-            tuple(np.repeat(_nhwc(h), b, 0) for h in hr),
-            multimask_output=case["multimask_output"],
-        )
-        names = ["low_res_multimasks", "high_res_multimasks", "ious", "low_res_masks",
-                 "high_res_masks", "obj_ptr", "object_score_logits"]  # fmt: skip
-        for name, g, w in zip(names, got, want):
-            assert_close_scaled(g, to_np(w), what=name)
+            if shift:
+                assert (to_np(want[6]) > 0).all()  # every object present: masks not gated
+            names = ["low_res_multimasks", "high_res_multimasks", "ious", "low_res_masks",
+                     "high_res_masks", "obj_ptr", "object_score_logits"]  # fmt: skip
+            for name, g, w in zip(names, got, want):
+                if "masks" not in name:  # scores / pointers: one scale for the batch
+                    assert_close_scaled(g, to_np(w), what=name)
+                    continue
+                for r in range(b):  # a gated row (-1024) must not hide the other row's error
+                    assert_close_scaled(np.asarray(g)[r], to_np(w)[r], what=f"{name}[{r}]")
+    finally:
+        with torch.no_grad():
+            t_bias -= shift
+        j_bias[...] = old
 
 
 def test_other_image_size(tmp_path):
