@@ -109,7 +109,11 @@ def _decode(
 
 
 class SAM2ImagePredictor:
-    """Official-compatible image predictor over a pam-jax `SAM2Base`."""
+    """Official-compatible image predictor over a pam-jax `SAM2Base`.
+
+    The model's parameters are captured (nnx.split) when the predictor is built; build a new
+    predictor after changing them.
+    """
 
     def __init__(self, model: SAM2Base, mask_threshold: float = 0.0):
         self.model = model
@@ -224,10 +228,10 @@ class SAM2ImagePredictor:
     def _prepare(self, point_coords, point_labels, boxes, mask_inputs, normalize_coords):
         h, w = self._orig_hw
         n = _batch_size(point_coords, point_labels, boxes, mask_inputs)
-        rows_c = _rows(point_coords, n, "point_coords")
-        rows_l = _rows(point_labels, n, "point_labels")
-        rows_b = _rows(boxes, n, "boxes")
-        rows_m = _rows(mask_inputs, n, "mask_inputs")
+        rows_c = _rows(point_coords, n)
+        rows_l = _rows(point_labels, n)
+        rows_b = _rows(boxes, n)
+        rows_m = _rows(mask_inputs, n)
         lh = lw = self.model.config.low_res_size
         scale = np.float32(self.image_size)
 
@@ -338,10 +342,8 @@ def _batch_size(*args) -> int:
     return n
 
 
-def _rows(x, n: int, name: str) -> list:
-    if x is None:
-        return [None] * n
-    return [None if r is None else r for r in x]
+def _rows(x, n: int) -> list:
+    return [None] * n if x is None else list(x)
 
 
 def _limits(hw: tuple[int, int], normalized: bool) -> tuple[float, float]:
