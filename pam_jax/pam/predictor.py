@@ -6,6 +6,8 @@ What the release does per region (`notebooks/image_infer_example.ipynb`), reprod
    (`video_io.preprocess_frame` / `normalize`, the SAM 2 video predictor's loader);
 2. the box (x1, y1, x2, y2) becomes two points labelled 2 / 3, followed by any clicks
    (1 positive, 0 negative); coordinates are divided by the original W / H and scaled by S;
+   a mask prompt goes through `add_new_mask` / `_use_mask_as_output` (which the release's
+   fork crashes on; see `PAM.image_regions` for the semantics chosen here);
 3. SAM 2 (conditioning frame: features + `no_mem_embed`, single-mask decoder) gives the mask
    and the two tapped tensors; the perceiver + projectors give 1042 visual embeddings;
 4. the ChatML prompt with the task instruction is embedded around them and the LLM generates.
@@ -51,9 +53,9 @@ def _bucket(n: int) -> int:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "orig_hw"))
-def _image_step(graphdef, state, image, coords, labels, valid, *, orig_hw):
+def _image_step(graphdef, state, image, coords, labels, valid, mask_inputs, is_mask, *, orig_hw):
     model = nnx.merge(graphdef, state)
-    visual, low, obj = model.image_regions(image, coords, labels, valid)
+    visual, low, obj = model.image_regions(image, coords, labels, valid, mask_inputs, is_mask)
     masks = resize_bilinear(low, orig_hw, False, axes=(-2, -1)) > 0
     return visual, masks, obj
 
@@ -65,24 +67,61 @@ def _embed(graphdef, state, text_ids, visual, visual_index, is_visual, mask):
     return assembly.assemble(llm.embed(text_ids), visual.astype(llm.dtype), lay)
 
 
+@partial(jax.jit, static_argnames=("size",))
+def _mask_to_model(mask: jax.Array, *, size: int) -> jax.Array:
+    """`add_new_mask`: bool [H, W] -> antialiased bilinear to size x size, >= 0.5, float."""
+    m = resize_bilinear(mask.astype(jnp.float32)[None], (size, size), True, axes=(-2, -1))[0]
+    return (m >= 0.5).astype(jnp.float32)
+
+
+REGION_KEYS = ("box", "points", "labels", "mask")
+
+
+def _check_inside(xy: np.ndarray, hw: tuple[int, int], what: str) -> None:
+    h, w = hw
+    if not np.all(np.isfinite(xy)):
+        raise ValueError(f"{what} {xy.tolist()}: coordinates must be finite")
+    bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
+    if np.any(bad):
+        raise ValueError(
+            f"{what} {xy.tolist()} is outside the {w}x{h} image (x in [0, {w}], y in [0, {h}])"
+        )
+
+
 def region_prompts(
     regions: Sequence[Mapping[str, Any]], hw: tuple[int, int], image_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per region {"box": [x1, y1, x2, y2]} and / or {"points": [[x, y], ...], "labels": [...]}
-    (original pixels) -> coords [N, P, 2] (model pixels), labels [N, P], valid [N, P]."""
+    (original pixels), or {"mask": [H, W] bool} alone -> coords [N, P, 2] (model pixels),
+    labels [N, P], valid [N, P]. A mask region's row is the prompt-less (0, 0) / -1 point
+    (`region_masks` gives its mask). Prompts outside the image raise ValueError."""
     h, w = hw
     rows = []
     for i, r in enumerate(regions):
-        unknown = set(r) - {"box", "points", "labels"}
+        unknown = set(r) - set(REGION_KEYS)
         if unknown:
-            raise ValueError(f"region {i}: unknown keys {sorted(unknown)} (box, points, labels)")
+            keys = ", ".join(REGION_KEYS)
+            raise ValueError(f"region {i}: unknown keys {sorted(unknown)} (allowed: {keys})")
         cs, ls = [], []
+        if r.get("mask") is not None:
+            if r.get("box") is not None or r.get("points") is not None:
+                raise ValueError(
+                    f"region {i}: a mask prompt takes no box or points (as add_new_mask)"
+                )
+            m = np.asarray(r["mask"])
+            if m.shape != (h, w):
+                raise ValueError(f"region {i}: mask is {m.shape[::-1]} (WxH), the image {(w, h)}")
+            if not np.any(m):
+                raise ValueError(f"region {i}: the mask prompt is empty")
+            rows.append((np.zeros((1, 2), np.float32), np.array([-1], np.int32)))
+            continue
         if r.get("box") is not None:
             b = np.asarray(r["box"], np.float32)
             if b.shape != (4,):
                 raise ValueError(f"region {i}: a box is x1,y1,x2,y2, got shape {b.shape}")
             if not (b[0] <= b[2] and b[1] <= b[3]):
                 raise ValueError(f"region {i}: box {b.tolist()} has x2 < x1 or y2 < y1")
+            _check_inside(b.reshape(2, 2), hw, f"region {i}: box")
             cs.append(b.reshape(2, 2))
             ls.append(np.array([2, 3], np.int32))
         if r.get("points") is not None:
@@ -92,10 +131,11 @@ def region_prompts(
                 raise ValueError(f"region {i}: {len(p)} points but {len(lab)} labels")
             if np.any((lab != 0) & (lab != 1)):
                 raise ValueError(f"region {i}: click labels are 1 (positive) or 0 (negative)")
+            _check_inside(p, hw, f"region {i}: point(s)")
             cs.append(p)
             ls.append(lab)
         if not cs:
-            raise ValueError(f"region {i} is empty: give a box and / or points")
+            raise ValueError(f"region {i} is empty: give a box, points or a mask")
         c = np.concatenate(cs)
         # the video predictor's normalize_coords: / (W, H) in float32, then * image_size
         c = c / np.array([w, h], np.float32) * np.float32(image_size)
@@ -108,6 +148,39 @@ def region_prompts(
     for i, (c, lab) in enumerate(rows):
         coords[i, : len(c)], labels[i, : len(lab)], valid[i, : len(lab)] = c, lab, True
     return coords, labels, valid
+
+
+def region_masks(
+    regions: Sequence[Mapping[str, Any]], image_size: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Mask prompts at model size: (mask_inputs [N, S, S] float, is_mask [N]) or (None, None)
+    when no region has a mask (so mask-free batches compile without the mask branch)."""
+    is_mask = np.array([r.get("mask") is not None for r in regions], bool)
+    if not is_mask.any():
+        return None, None
+    out = np.zeros((len(regions), image_size, image_size), np.float32)
+    for i in np.nonzero(is_mask)[0]:
+        out[i] = np.asarray(_mask_to_model(jnp.asarray(regions[i]["mask"]), size=image_size))
+    return out, is_mask
+
+
+@dataclasses.dataclass
+class LLMInputs:
+    """What the LLM is fed: embeds [N, L, H] (ChatML text around the visual embeddings, right
+    padded), lengths [N] (real rows), and the visual part alone, visual [N, V, H]."""
+
+    embeds: jax.Array
+    lengths: np.ndarray
+    visual: jax.Array
+    text_before: list[int]
+    text_after: list[int]
+
+
+@dataclasses.dataclass
+class ImageInputs:
+    llm: LLMInputs
+    masks: np.ndarray  # [N, H, W] bool
+    scores: np.ndarray  # [N] object score logits
 
 
 class PAMPredictor:
@@ -139,6 +212,31 @@ class PAMPredictor:
         pad = getattr(tok, "pad_token_id", None)
         return stops, int(pad if pad is not None else 0)
 
+    def image_inputs(
+        self,
+        image: Any,
+        regions: Sequence[Mapping[str, Any]],
+        task: str = "detailed_caption",
+        lang: str = "en",
+    ) -> ImageInputs:
+        """SAM 2 + perceiver + ChatML splice for N regions of one image (one batched call):
+        the LLM input embeddings, the masks [N, H, W] and object scores, before generation."""
+        prompts.task_prompt(task, lang)  # validates the task and language
+        if task in prompts.VIDEO_TASKS or task.startswith("video_cap"):
+            raise ValueError(f"{task!r} is a video task; image tasks: {prompts.IMAGE_TASKS}")
+        if not regions:
+            raise ValueError("no regions: give at least one box, points or mask")
+        resized, h, w = preprocess_frame(image, self.image_size)
+        coords, labels, valid = region_prompts(regions, (h, w), self.image_size)
+        mask_in, is_mask = region_masks(regions, self.image_size)
+        img = jnp.asarray(normalize(resized))[None]
+        visual, masks, obj = _image_step(
+            self._graphdef, self._state, img, coords, labels, valid, mask_in, is_mask,
+            orig_hw=(h, w),
+        )  # fmt: skip
+        llm_in = self.llm_inputs(visual, task, lang, None)
+        return ImageInputs(llm_in, np.asarray(masks), np.asarray(obj))
+
     def describe_image(
         self,
         image: Any,
@@ -148,28 +246,20 @@ class PAMPredictor:
         *,
         rng: int = 0,
     ) -> list[RegionResult]:
-        """image: RGB uint8 [H, W, 3] array or PIL image; one result per region."""
-        prompts.task_prompt(task, lang)  # validates the task and language
-        if task in prompts.VIDEO_TASKS or task.startswith("video_cap"):
-            raise ValueError(f"{task!r} is a video task; image tasks: {prompts.IMAGE_TASKS}")
+        """image: RGB uint8 [H, W, 3] array or PIL image; regions: {"box"}, {"points",
+        "labels"}, both, or {"mask": bool [H, W]} (original pixels). All regions are decoded
+        and generated in one batch; one result per region."""
         if not regions:
             return []
-        resized, h, w = preprocess_frame(image, self.image_size)
-        img = jnp.asarray(normalize(resized))[None]
-        coords, labels, valid = region_prompts(regions, (h, w), self.image_size)
-        visual, masks, obj = _image_step(
-            self._graphdef, self._state, img, coords, labels, valid, orig_hw=(h, w)
-        )
-        masks, obj = np.asarray(masks), np.asarray(obj)
-        texts = self._generate(visual, task, lang, None, rng)
+        inp = self.image_inputs(image, regions, task, lang)
+        texts = self.generate(inp.llm, rng)
         return [
-            RegionResult(text, masks[i], float(obj[i]), ids) for i, (text, ids) in enumerate(texts)
+            RegionResult(text, inp.masks[i], float(inp.scores[i]), ids)
+            for i, (text, ids) in enumerate(texts)
         ]
 
-    def _generate(
-        self, visual: jax.Array, task: str, lang: str, history: str | None, rng: int
-    ) -> list[tuple[str, list[int]]]:
-        """visual [N, V, H] -> N (text, token ids): ChatML splice, then batched generation."""
+    def llm_inputs(self, visual: jax.Array, task: str, lang: str, history: str | None) -> LLMInputs:
+        """visual [N, V, H] -> the ChatML-spliced input embeddings (the release's layout)."""
         before, after = prompts.prompt_ids(self.tokenizer, task, lang, history)
         n = visual.shape[0]
         lay = assembly.layout([before] * n, [after] * n, visual.shape[1], pad_side="right")
@@ -177,17 +267,26 @@ class PAMPredictor:
             self._llm_graphdef, self._llm_state, jnp.asarray(lay.text_ids), visual,
             jnp.asarray(lay.visual_index), jnp.asarray(lay.is_visual), jnp.asarray(lay.mask),
         )  # fmt: skip
+        return LLMInputs(embeds, np.asarray(lay.lengths), visual, before, after)
+
+    def generate(self, inp: LLMInputs, rng: int = 0) -> list[tuple[str, list[int]]]:
+        """Batched generation from `LLMInputs` -> N (text, token ids)."""
         stops, pad = self._stop_and_pad()
         gen = generate(
-            self.model.llm, inputs_embeds=embeds, prompt_lengths=lay.lengths,
+            self.model.llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
             pad_id=pad, rng=rng,
         )  # fmt: skip
         out = []
-        for i in range(n):
+        for i in range(inp.embeds.shape[0]):
             ids = [int(t) for t in gen.tokens[i, : gen.lengths[i]]]
             out.append((self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
         return out
+
+    def _generate(
+        self, visual: jax.Array, task: str, lang: str, history: str | None, rng: int
+    ) -> list[tuple[str, list[int]]]:
+        return self.generate(self.llm_inputs(visual, task, lang, history), rng)
 
     def describe_video(
         self,
@@ -203,9 +302,25 @@ class PAMPredictor:
         ({"box": ...} and / or {"points": ..., "labels": ...}, original pixels). SAM 2 tracks
         through every frame; 16 frames (`assembly.select_frames`) feed the LLM. `history` is
         the previous clip's caption (streaming); None gives the release's "None" / "无"."""
+        inp = self.video_inputs(frames, region, task, lang, history=history)
+        text, ids = self.generate(inp.llm, rng)[0]
+        return VideoResult(text, inp.masks, inp.scores, inp.frames, ids)
+
+    def video_inputs(
+        self,
+        frames: Sequence[Any],
+        region: Mapping[str, Any],
+        task: str = "video_caption",
+        lang: str = "en",
+        *,
+        history: str | None = None,
+    ) -> VideoInputs:
+        """SAM 2 tracking + perceiver + ChatML splice for one video, before generation. The
+        region may also be {"mask": bool [H, W]} (`add_new_mask` on frame 0)."""
         if task not in prompts.VIDEO_TASKS and not task.startswith("video_cap"):
             raise ValueError(f"{task!r} is not a video task; expected {prompts.VIDEO_TASKS}")
-        return _describe_video(self, frames, region, task, lang, history, rng)
+        prompts.task_prompt(task, lang, history)
+        return _video_inputs(self, frames, region, task, lang, history)
 
     def describe_stream(
         self,
@@ -260,13 +375,15 @@ def _encode_memory_f32(model, vision, low, obj, binarize: bool) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("graphdef", "is_cond", "video_hw"))
 def _video_step(
-    graphdef, state, bank, image, coords, labels, valid, frame_idx, num_frames, *,
+    graphdef, state, bank, image, coords, labels, valid, frame_idx, num_frames, mask_in=None, *,
     is_cond: bool, video_hw: tuple[int, int],
 ):  # fmt: skip
     """One frame of PAM's SAM 2 tracking (one object): the official `track_step` as PAM's fork
     runs it (`multimask_output_in_sam: False`, the mask is always the single-mask token's) plus
     the two perceiver taps. Frame 0 is the prompted conditioning frame (features +
-    `no_mem_embed`); later frames attend the memory bank and get a prompt-less decoder call."""
+    `no_mem_embed`); later frames attend the memory bank and get a prompt-less decoder call.
+    A mask prompt on frame 0 (mask_in [1, S, S] binary) follows `_use_mask_as_output` as
+    `PAM.image_regions` documents (raw features, dense mask prompt, the mask is the output)."""
     from pam_jax.sam2.memory import insert_memory, prepare_memory_conditioned_features
     from pam_jax.sam2.model import NO_OBJ_SCORE
     from pam_jax.sam2.tracker import encode_memory, frame_features
@@ -275,7 +392,12 @@ def _video_step(
     cfg = sam2.config
     feats = frame_features(sam2, image[None])
     _, h, w, c = feats.vision.shape
-    if is_cond:
+    dense = has = None
+    if is_cond and mask_in is not None:
+        pix = feats.vision
+        dense = sam2.mask_downsample(mask_in[..., None].astype(jnp.float32)).astype(jnp.float32)
+        has = jnp.ones((1,), bool)
+    elif is_cond:
         pix = feats.vision + sam2.no_mem_embed[...].reshape(1, 1, 1, c)
     else:
         pix = prepare_memory_conditioned_features(
@@ -285,14 +407,21 @@ def _video_step(
         ).reshape(1, h, w, c).astype(jnp.float32)  # fmt: skip
     token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
     out = sam2.decode_prompts(
-        pix, feats.high_res, coords, labels, token_valid,
+        pix, feats.high_res, coords, labels, token_valid, dense, has,
         multimask_output=False, dynamic_multimask=False,
     )  # fmt: skip
     obj = out.object_score_logits  # [1, 1]
     low = jnp.where(obj[:, :, None] > 0, out.masks[:, 0], NO_OBJ_SCORE).astype(jnp.float32)
     ptr = sam2.obj_ptr_proj(out.sam_tokens_out[:, 0]).astype(jnp.float32)
     lam = (obj > 0).astype(jnp.float32)
-    ptr = lam * ptr + (1 - lam) * sam2.no_obj_ptr[...].astype(jnp.float32)
+    no_ptr = sam2.no_obj_ptr[...].astype(jnp.float32)
+    ptr = lam * ptr + (1 - lam) * no_ptr
+    if is_cond and mask_in is not None:
+        m = mask_in.astype(jnp.float32)
+        low = resize_bilinear(m * 20.0 - 10.0, low.shape[-2:], True, axes=(-2, -1))
+        present = jnp.any(m > 0, axis=(1, 2))[:, None].astype(jnp.float32)
+        ptr = present * ptr + (1 - present) * no_ptr
+        obj = 20.0 * present - 10.0
     if is_cond:  # binarized mask (prompted frame), rounded to bf16 like the fork
         mem = encode_memory(sam2, feats.vision, low, obj, jnp.ones((1,), bool))
     else:
@@ -311,6 +440,14 @@ class VideoResult:
     token_ids: list[int]
 
 
+@dataclasses.dataclass
+class VideoInputs:
+    llm: LLMInputs
+    masks: np.ndarray  # [T, H, W] bool
+    scores: np.ndarray  # [T]
+    frames: np.ndarray  # the frame indices fed to the LLM
+
+
 def _video_bank(cfg):
     from pam_jax.sam2.memory import init_memory_bank
 
@@ -327,7 +464,7 @@ def _mask_box(mask: np.ndarray) -> list[float] | None:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def _describe_video(self: PAMPredictor, frames, region, task, lang, history, rng):
+def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> VideoInputs:
     if not len(frames):
         raise ValueError("a video needs at least one frame")
     size = self.image_size
@@ -336,6 +473,7 @@ def _describe_video(self: PAMPredictor, frames, region, task, lang, history, rng
     if any((fh, fw) != (h, w) for _, fh, fw in pre):
         raise ValueError("all frames of a video must have the same size")
     coords, labels, valid = region_prompts([region], (h, w), size)
+    mask_in, _ = region_masks([region], size)
     none_c = np.zeros_like(coords)
     none_l = -np.ones_like(labels)
     none_v = np.zeros_like(valid)
@@ -352,7 +490,7 @@ def _describe_video(self: PAMPredictor, frames, region, task, lang, history, rng
         c, lab, v = (coords, labels, valid) if cond else (none_c, none_l, none_v)
         bank, m, s, emb, tok = _video_step(
             gd, st, bank, jnp.asarray(normalize(img)), c, lab, v, np.int32(f), np.int32(n),
-            is_cond=cond, video_hw=(h, w),
+            mask_in if cond else None, is_cond=cond, video_hw=(h, w),
         )  # fmt: skip
         masks.append(np.asarray(m))
         scores.append(float(s))
@@ -361,8 +499,8 @@ def _describe_video(self: PAMPredictor, frames, region, task, lang, history, rng
     embeds = jnp.stack([taps[int(f)][0] for f in chosen])
     tokens = jnp.stack([taps[int(f)][1] for f in chosen])
     visual = _video_visual(self._parts_graphdef, self._parts_state, embeds, tokens)[None]
-    text, ids = self._generate(visual, task, lang, history, rng)[0]
-    return VideoResult(text, np.stack(masks), np.asarray(scores), chosen, ids)
+    llm_in = self.llm_inputs(visual, task, lang, history)
+    return VideoInputs(llm_in, np.stack(masks), np.asarray(scores), chosen)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

@@ -56,12 +56,16 @@ def _torch_parts():
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
+    return build_release(tmp_path_factory.mktemp("PAM-tiny"))
+
+
+def build_release(d, vocab_size: int = 256):
+    """Write a tiny random PAM release (official layout) into `d`: (d, HF llm, torch parts)."""
     tv_shim()  # transformers imports torchvision, whose CUDA wheel needs the shim on CPU torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    d = tmp_path_factory.mktemp("PAM-tiny")
     hf_cfg = Qwen2Config(
-        vocab_size=256, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
         max_position_embeddings=8192,
     )  # fmt: skip

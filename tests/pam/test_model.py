@@ -122,7 +122,7 @@ def test_region_prompt_rules():
     with pytest.raises(ValueError, match="labels"):
         region_prompts([{"points": [[1, 2]], "labels": [1, 0]}], (10, 10), 1024)
     with pytest.raises(ValueError, match="unknown keys"):
-        region_prompts([{"mask": 1}], (10, 10), 1024)
+        region_prompts([{"polygon": 1}], (10, 10), 1024)
 
 
 def test_video_task_rejected_for_images(setup):
@@ -150,40 +150,6 @@ def model_dir(setup, tmp_path_factory):
     )
     save_pam(model, d / "m", tokenizer_dir=tok_dir)
     return d / "m"
-
-
-def test_cli_predict(setup, model_dir, tmp_path, capsys):
-    import json
-
-    from PIL import Image
-
-    from pam_jax.cli import main
-
-    cfg, model, tok, image = setup
-    Image.fromarray(image).save(tmp_path / "img.png")
-    rc = main([
-        "predict", "--model", str(model_dir), "--image", str(tmp_path / "img.png"),
-        "--box", "40,30,200,250", "--box", "10,10,400,290", "--point", "100,120",
-        "--point", "50,60,0", "--task", "brief_cap_en", "--max-new-tokens", "4", "--json",
-        "--out", str(tmp_path / "res"),
-    ])  # fmt: skip
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 3  # two boxes + one click region
-    rows = [json.loads(x) for x in lines]
-    assert rows[2]["labels"] == [1, 0] and "text" in rows[0]
-    assert json.loads((tmp_path / "res.json").read_text()) == rows
-    assert (tmp_path / "res.png").is_file()
-    rc = main(["predict", "--model", str(model_dir), "--image", str(tmp_path / "img.png")])
-    assert rc == 2 and "--box or --point" in capsys.readouterr().err
-
-
-def test_cli_regions_from_args():
-    from pam_jax.pam.cli import regions_from_args
-
-    assert regions_from_args([(1, 2, 3, 4)], [(5, 6, 1)]) == [
-        {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]}
-    ]
-    assert len(regions_from_args([(1, 2, 3, 4), (0, 0, 1, 1)], [(5, 6, 0)])) == 3
 
 
 def _frames(n, seed=1):
@@ -240,31 +206,6 @@ def test_mask_box():
     assert _mask_box(m) is None
     m[2:5, 3:9] = True
     assert _mask_box(m) == [3.0, 2.0, 9.0, 5.0]
-
-
-def test_cli_predict_video(model_dir, tmp_path, capsys):
-    import json
-
-    from PIL import Image
-
-    from pam_jax.cli import main
-
-    vid = tmp_path / "frames"
-    vid.mkdir()
-    for i, f in enumerate(_frames(5)):
-        Image.fromarray(f).save(vid / f"{i:05d}.jpg")
-    rc = main([
-        "predict", "--model", str(model_dir), "--video", str(vid), "--box", "40,30,200,250",
-        "--clip-ends", "3,5", "--max-new-tokens", "3", "--json", "--out", str(tmp_path / "v"),
-    ])  # fmt: skip
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 2
-    rows = [json.loads(x) for x in lines]
-    assert [(r["first_frame"], r["last_frame"]) for r in rows] == [(0, 2), (3, 4)]
-    assert np.load(tmp_path / "v_masks.npy").shape == (5, 300, 420)
-    rc = main(["predict", "--model", str(model_dir), "--video", str(vid),
-               "--box", "1,1,5,5", "--box", "2,2,6,6"])  # fmt: skip
-    assert rc == 2 and "one region" in capsys.readouterr().err
 
 
 def test_resize_vocab(setup):
