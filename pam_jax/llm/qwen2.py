@@ -84,6 +84,12 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
+class PrefillLengths(NamedTuple):
+    """Attention-mask marker: causal over right-padded rows of these lengths (prefill)."""
+
+    lengths: jax.Array
+
+
 def _decode_splits(s: int) -> tuple[int, int] | None:
     """(k_splits, block_k) for the Pallas decode kernel over a cache of s slots, or None."""
     for ks in (16, 8, 4, 2):
@@ -154,6 +160,8 @@ class Qwen2Attention(nnx.Module):
         q = constrain(_apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(_apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+        if isinstance(mask, PrefillLengths):  # right-padded causal prefill
+            return self._prefill(q, k, v, mask.lengths, kv)
         k = jnp.swapaxes(k, 1, 2)  # [B, KV, T, D], the cache layout
         v = jnp.swapaxes(v, 1, 2)
         if kv is not None:
@@ -181,6 +189,47 @@ class Qwen2Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, self.num_heads * d)
         out = constrain(out, ("batch", "length", "act_heads"))
+        return self.o_proj(out), kv
+
+    def _prefill(self, q, k, v, lengths, kv):
+        """Causal attention over right-padded rows (row b valid in [:lengths[b]]); the cache
+        gets each row's keys/values shifted right by T - len, so all prompts end at slot T-1.
+
+        On GPU in bf16/fp16 this is cuDNN's fused flash attention (seq-length padding masks);
+        elsewhere XLA with an explicit mask.
+        """
+        b, t, h, d = q.shape
+        fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+        if fused:
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                query_seq_lengths=lengths,
+                key_value_seq_lengths=lengths,
+                implementation="cudnn",
+            )
+        else:
+            nkv = self.num_kv
+            slots = jnp.arange(t)
+            mask = (slots[:, None] >= slots[None, :])[None] & (slots < lengths[:, None])[:, None]
+            qg = q.reshape(b, t, nkv, h // nkv, d)
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask[:, None, None], scores * (d**-0.5), _NEG)
+            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = constrain(out.reshape(b, t, h * d), ("batch", "length", "act_heads"))
+        if kv is not None:
+            shift = t - lengths
+
+            def to_cache(x, c):  # [B, T, KV, D] -> rows right-aligned, [B, KV, T, D]
+                x = jax.vmap(lambda r, s_: jnp.roll(r, s_, axis=0))(x, shift)
+                x = jnp.swapaxes(x, 1, 2).astype(c.dtype)
+                return jax.lax.dynamic_update_slice(c, x, (0, 0, 0, 0))
+
+            names = ("batch", "act_kv_heads", "cache_length", "head_dim")
+            kv = (constrain(to_cache(k, kv[0]), names), constrain(to_cache(v, kv[1]), names))
         return self.o_proj(out), kv
 
 

@@ -2,10 +2,12 @@
 
 Inputs are **right-padded** (row b holds its prompt in `[:prompt_lengths[b]]`), given as token
 ids or as input embeddings (PAM puts visual embeddings into the sequence). Inside, the prompt
-length is rounded up to a bucket (`bucket_length`) and every row is rolled so that prompts end
-at the same slot (left padding); row b's positions are `0..len_b-1` and its padding slots are
-masked out of attention. Every decode step then writes the same cache slot for all rows: one
-`dynamic_update_slice` with a scalar index into per-layer `[B, KV, S, D]` arrays.
+length is rounded up to a bucket (`bucket_length`); the prefill runs causally on the
+right-padded rows (cuDNN flash attention on GPU) and writes each row's keys/values shifted so
+that all prompts end at the same cache slot (left padding in the cache); row b's positions are
+`0..len_b-1` and its padding slots are masked out of attention. Every decode step then
+writes the same cache slot for all rows: one `dynamic_update_slice` with a scalar index into
+per-layer `[B, KV, S, D]` arrays.
 
 One compilation per (bucket, batch, max_new_tokens, cache length, sampling mode): the float
 sampling values (temperature, top-p, repetition penalty) are traced, only their on/off switches
@@ -32,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pam_jax.llm.qwen2 import PrefillLengths
 
 TRACES: collections.Counter = collections.Counter()  # (bucket, batch, max_new) -> traces
 
@@ -187,12 +191,6 @@ def _sample(logits, seen, rng, values, mode):
 
 
 # ---- the jitted program -----------------------------------------------------------------
-def _left_align(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Right-padded rows -> rows ending at the last slot (roll each row by T - len)."""
-    t = x.shape[1]
-    return jax.vmap(lambda r, s: jnp.roll(r, s, axis=0))(x, t - lengths)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -226,15 +224,13 @@ def _generate(
     model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
     use_pen = mode[3]
     x = model.embed(prompt) if from_ids else prompt
-    x = _left_align(x, lengths)
-    start = t - lengths  # first valid slot of each row
-    slots = jnp.arange(t)
-    positions = jnp.maximum(slots[None, :] - start[:, None], 0)
-    valid = slots[None, :] >= start[:, None]
-    mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]
+    start = t - lengths  # first valid cache slot of each row (prompts end at slot t - 1)
+    positions = jnp.broadcast_to(jnp.arange(t), (b0, t))
     cache = model.init_cache(b0, cache_length)
-    h, cache = model.hidden_states(x, positions, mask, cache, 0, attend_cache=False)
-    logits = model.logits(h[:, -1])
+    # the prefill runs on the right-padded rows and writes the cache right-aligned
+    h, cache = model.hidden_states(x, positions, PrefillLengths(lengths), cache, 0)
+    h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.logits(h_last)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
