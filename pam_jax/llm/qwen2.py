@@ -11,8 +11,13 @@ leading `layers` axis) run under `jax.lax.scan`; `cfg.remat` wraps each layer in
 KV cache: one `[B, KV, S, D]` array per layer for keys and one for values (stacked into
 `[L, B, KV, S, D]` when layers are scanned); heads before slots so both attention matmuls read
 the cache without a transpose. Every row of a batch writes the same cache slot at
-each step (prompts are left-padded inside `sampler.generate`), so writes are a single
-`jax.lax.dynamic_update_slice` with a scalar index.
+each step (prompts are right-aligned in the cache by `sampler.generate`), so writes are a
+single `jax.lax.dynamic_update_slice` with a scalar index.
+
+Attention masks (argument `mask` of the decoder): a bool array [B, T, S] (True = may attend);
+`PrefillLengths(lengths)`: causal over right-padded rows, the cache written right-aligned
+(cuDNN flash attention on GPU); or `(start, end)` per-row key ranges for a one-token step over
+the cache (a Pallas flash-decoding kernel on GPU, `cfg.decode_attention`).
 """
 
 from __future__ import annotations
