@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pam_jax.llm.sampler import SamplingParams, generate
+from pam_jax.llm.sampler import SamplingParams, generate, prepare
 from pam_jax.pam import assembly, prompts
 from pam_jax.pam.model import PAM
 from pam_jax.sam2.ops import resize_bilinear
@@ -205,6 +205,7 @@ class PAMPredictor:
         self._graphdef, self._state = nnx.split(model)
         self._llm_graphdef, self._llm_state = nnx.split(model.llm)
         self._parts_graphdef, self._parts_state = nnx.split(model.parts)
+        self._llm = prepare(model.llm)  # split once, not per generate call
 
     def _stop_and_pad(self) -> tuple[list[int], int]:
         tok = self.tokenizer
@@ -258,6 +259,37 @@ class PAMPredictor:
             for i, (text, ids) in enumerate(texts)
         ]
 
+    def describe_images(
+        self,
+        items: Sequence[tuple[Any, Sequence[Mapping[str, Any]]]],
+        task: str = "detailed_caption",
+        lang: str = "en",
+        *,
+        rng: int = 0,
+    ) -> list[list[RegionResult]]:
+        """Several (image, regions) items: SAM 2 + perceiver per image (one batched call over
+        its regions), then ONE batched generation over every region of every image."""
+        inps = [self.image_inputs(img, regs, task, lang) if regs else None for img, regs in items]
+        real = [i for i in inps if i is not None]
+        if not real:
+            return [[] for _ in items]
+        joined = LLMInputs(
+            jnp.concatenate([i.llm.embeds for i in real]),
+            np.concatenate([i.llm.lengths for i in real]),
+            jnp.concatenate([i.llm.visual for i in real]),
+            real[0].llm.text_before,
+            real[0].llm.text_after,
+        )
+        texts = iter(self.generate(joined, rng))
+        out = []
+        for inp in inps:
+            rows = []
+            for i in range(0 if inp is None else len(inp.scores)):
+                text, ids = next(texts)
+                rows.append(RegionResult(text, inp.masks[i], float(inp.scores[i]), ids))
+            out.append(rows)
+        return out
+
     def llm_inputs(self, visual: jax.Array, task: str, lang: str, history: str | None) -> LLMInputs:
         """visual [N, V, H] -> the ChatML-spliced input embeddings (the release's layout)."""
         before, after = prompts.prompt_ids(self.tokenizer, task, lang, history)
@@ -273,7 +305,7 @@ class PAMPredictor:
         """Batched generation from `LLMInputs` -> N (text, token ids)."""
         stops, pad = self._stop_and_pad()
         gen = generate(
-            self.model.llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
+            self._llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
             pad_id=pad, rng=rng,
         )  # fmt: skip

@@ -1,0 +1,257 @@
+"""PAM image-item benchmark: pam-jax vs a composite PyTorch peer, random weights, no downloads.
+
+    python benchmarks/bench_pam.py                 # GPU: SAM 2.1-L + Qwen2.5-3B shapes, bf16
+    python benchmarks/bench_pam.py --tiny --cpu    # CPU smoke test (tiny SAM 2 + tiny Qwen2)
+
+One image item = image -> SAM 2 (image encoder + prompt decoder, the release's conditioning-frame
+path) -> Semantic Perceiver + projectors -> ChatML splice -> greedy generation of `--new` tokens
+(128; stop tokens disabled so every run generates the same number). Measured end to end through
+`PAMPredictor.describe_image` (host preprocessing included):
+
+- latency of one item (one region, batch 1), median of `--reps`;
+- throughput of `--regions` (32) regions of one image in one call (one image encoding, one
+  batched decode + perceiver, one batched generation): regions / s.
+
+Peer (same process, after the JAX side released its weights): the official SAM 2
+(`build_sam2` + `SAM2ImagePredictor.set_image` / `predict(box=..., multimask_output=False)`,
+bf16 autocast) followed by HF `Qwen2ForCausalLM.generate(inputs_embeds=...)` (bf16, sdpa,
+greedy, min_new_tokens = max_new_tokens) on random embeddings of the same length as pam-jax's
+LLM input (1085 at the release's shapes: 1042 visual + 43 text). The perceiver (7.5 M params) is
+not in the peer; it is part of the pam-jax time. The paper reports ~1.05 s per image item for
+PAM-3B. Goals on an H100: <= 0.35 s per item at batch 1, >= 40 regions / s batched.
+
+The text around the visual embeddings comes from a stand-in tokenizer that yields the release's
+token counts (14 before `<image>`, `--text-after` after), so no tokenizer download is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import numpy as np
+
+# JAX and torch share the GPU: cap JAX's pool so the peer's weights and caches fit after it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+
+class StandInTokenizer:
+    """Token counts of Qwen2.5's tokenizer for the PAM prompt; ids are arbitrary."""
+
+    def __init__(self, vocab: int, before: int, after: int):
+        self.vocab, self.before, self.after = vocab, before, after
+        self.stop_ids: list[int] = []  # never stop: fixed-length generation
+        self.pad_token_id = 0
+        self.generation_config: dict = {}
+
+    def encode(self, text: str) -> list[int]:
+        n = self.before if text.rstrip().endswith("user") else self.after
+        return [(7 * i + 11) % self.vocab for i in range(n)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def _median(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _numpy_random(make, seed: int = 0):
+    """Module with numpy-random parameters (flax's eager init of SAM 2 is slow on CPU)."""
+    from flax import nnx
+
+    from pam_jax.checkpoint import assign_params
+
+    model = nnx.eval_shape(make)
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+        x = rng.standard_normal(v.shape).astype(np.float32) * 0.02
+        flat[".".join(map(str, path))] = x + 1.0 if path[-1] == "scale" else x
+    return assign_params(model, flat)
+
+
+def _configs(tiny: bool):
+    from pam_jax.llm import config as L
+    from pam_jax.pam.config import PAMConfig
+    from pam_jax.sam2.config import sam2_config
+
+    if tiny:
+        llm = L.tiny(vocab_size=512, hidden_size=64, intermediate_size=128)
+        return PAMConfig(sam2=sam2_config("t", "2.1", image_size=256), llm=llm), "sam2.1_hiera_t"
+    return PAMConfig(sam2=sam2_config("l", "2.1"), llm=L.qwen2_5_3b()), "sam2.1_hiera_l"
+
+
+def _inputs(n_regions: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    x1 = rng.uniform(0, 700, n_regions)
+    y1 = rng.uniform(0, 500, n_regions)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(50, 300, n_regions),
+                      y1 + rng.uniform(50, 260, n_regions)], 1)  # fmt: skip
+    return image, [{"box": [float(v) for v in b]} for b in boxes]
+
+
+def bench_jax(cfg, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pam_jax.llm.qwen2 import Qwen2ForCausalLM
+    from pam_jax.pam.model import PAM, PAMParts
+    from pam_jax.pam.predictor import PAMPredictor
+    from pam_jax.sam2.model import SAM2Base
+
+    dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    sam2 = _numpy_random(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0), dtype=dt))
+    parts = _numpy_random(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dt), 1)
+    llm = _numpy_random(
+        lambda: Qwen2ForCausalLM(cfg.llm, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt), 2
+    )
+    model = PAM(cfg, sam2=sam2, parts=parts, llm=llm)
+    tok = StandInTokenizer(cfg.llm.vocab_size, 14, args.text_after)
+    pred = PAMPredictor(model, tok, max_new_tokens=args.new)
+    image, regions = _inputs(args.regions)
+    one = regions[:1]
+
+    inp = pred.image_inputs(image, one, "recognize")
+    seq = int(inp.llm.lengths[0])
+    out = {"seq_len": seq, "visual_len": int(inp.llm.visual.shape[1])}
+
+    def full(regs):
+        return pred.describe_image(image, regs, "recognize")
+
+    def prefix(regs):  # SAM 2 + perceiver + splice, for the breakdown
+        return jax.block_until_ready(pred.image_inputs(image, regs, "recognize").llm.embeds)
+
+    for name, regs in (("item", one), ("batch", regions)):
+        res = full(regs)  # compile
+        assert all(len(r.token_ids) == args.new for r in res)
+        out[f"{name}_s"] = _median(lambda r=regs: full(r), args.reps)
+        prefix(regs)
+        out[f"{name}_prefix_s"] = _median(lambda r=regs: prefix(r), args.reps)
+    out["regions_per_s"] = args.regions / out["batch_s"]
+    pred = model = llm = sam2 = parts = None  # free the weights before the peer
+    gc.collect()
+    jax.clear_caches()
+    return out
+
+
+def bench_torch(cfg, sam2_name: str, seq: int, args) -> dict:
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from bench_llm import _import_hf
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    dev = "cpu" if args.cpu else "cuda"
+    dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    extra = [f"++model.image_size={cfg.sam2.image_size}"] if cfg.sam2.image_size != 1024 else []
+    sam = build_sam2(f"configs/sam2.1/{sam2_name}.yaml", None, device=dev,
+                     hydra_overrides_extra=extra).eval()  # fmt: skip
+    sam_pred = SAM2ImagePredictor(sam)
+    Qwen2Config, Qwen2ForCausalLM = _import_hf()
+    hc = Qwen2Config(**{k: v for k, v in cfg.llm.to_hf().items()
+                        if k not in ("architectures", "model_type", "torch_dtype")})  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(dev):
+        llm = Qwen2ForCausalLM._from_config(hc, attn_implementation="sdpa", dtype=dt).eval()
+    image, regions = _inputs(args.regions)
+    boxes = np.asarray([r["box"] for r in regions], np.float32)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def item(n):
+        with (
+            torch.inference_mode(),
+            torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"),
+        ):
+            sam_pred.set_image(image)
+            sam_pred.predict(box=boxes[:n], multimask_output=False)
+            emb = torch.randn(n, seq, cfg.llm.hidden_size, device=dev, dtype=dt)
+            llm.generate(inputs_embeds=emb, attention_mask=torch.ones(n, seq, dtype=torch.long,
+                         device=dev), max_new_tokens=args.new, min_new_tokens=args.new,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        sync()
+
+    out = {}
+    for name, n in (("item", 1), ("batch", args.regions)):
+        item(n)  # warm up
+        out[f"{name}_s"] = _median(lambda n=n: item(n), args.reps)
+    out["regions_per_s"] = args.regions / out["batch_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--tiny", action="store_true", help="tiny SAM 2 + Qwen2 (smoke test)")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (JAX and torch)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens (default 128; tiny 8)")
+    ap.add_argument("--regions", type=int, default=None, help="batched regions (default 32)")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs (default 5; tiny 1)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument(
+        "--text-after", type=int, default=29,
+        help="text tokens after <image> (release: 14 + 1042 + 29 = 1085)",
+    )  # fmt: skip
+    ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.cpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    args.new = args.new or (8 if args.tiny else 128)
+    args.regions = args.regions or (4 if args.tiny else 32)
+    args.reps = args.reps or (1 if args.tiny else 5)
+
+    import jax
+
+    cfg, sam2_name = _configs(args.tiny)
+    print(f"device: {jax.devices()[0].device_kind}; SAM 2 {sam2_name} at {cfg.sam2.image_size}, "
+          f"LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, "
+          f"{args.dtype}, {args.new} new tokens")  # fmt: skip
+    res = {"config": {"sam2": sam2_name, "llm_hidden": cfg.llm.hidden_size,
+                      "llm_layers": cfg.llm.num_hidden_layers, "new": args.new,
+                      "regions": args.regions, "dtype": args.dtype}}  # fmt: skip
+    res["pam_jax"] = j = bench_jax(cfg, args)
+    print(f"pam-jax: LLM input {j['seq_len']} embeddings ({j['visual_len']} visual)")
+    print(f"  item (batch 1): {j['item_s']:.3f} s  (SAM 2 + perceiver + splice "
+          f"{j['item_prefix_s']:.3f} s)")  # fmt: skip
+    print(
+        f"  {args.regions} regions, one call: {j['batch_s']:.3f} s = {j['regions_per_s']:.1f} "
+        f"regions/s (before generation {j['batch_prefix_s']:.3f} s)"
+    )
+    if not args.no_peer:
+        res["torch"] = t = bench_torch(cfg, sam2_name, j["seq_len"], args)
+        print(
+            f"PyTorch peer (official SAM 2 + HF generate): item {t['item_s']:.3f} s; "
+            f"{args.regions} regions {t['batch_s']:.3f} s = {t['regions_per_s']:.1f} regions/s"
+        )
+        print(f"speed-up: item {t['item_s'] / j['item_s']:.2f}x, "
+              f"batched {j['regions_per_s'] / t['regions_per_s']:.2f}x")  # fmt: skip
+    if not args.tiny:
+        ok1, ok2 = j["item_s"] <= 0.35, j["regions_per_s"] >= 40
+        print(f"goals: item <= 0.35 s: {'met' if ok1 else 'NOT met'}; >= 40 regions/s: "
+              f"{'met' if ok2 else 'NOT met'}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
