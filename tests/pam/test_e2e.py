@@ -172,7 +172,7 @@ def _torch_visual(parts, taps):
 def _hf_greedy(llm, embeds, penalty=PENALTY):
     with torch.no_grad():
         out = llm.generate(
-            inputs_embeds=torch.from_numpy(np.asarray(embeds, np.float32))[None],
+            inputs_embeds=torch.tensor(np.asarray(embeds, np.float32))[None],
             attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
             max_new_tokens=NEW, do_sample=False, repetition_penalty=penalty,
             eos_token_id=[EOS, PAD], pad_token_id=PAD,
@@ -293,3 +293,40 @@ def test_video_end_to_end(release, converted, media, sam2_ckpt, monkeypatch, tmp
     _check_embeds(got, to_np(want), before, after, dense + 19 + 15 * (sparse + 19))
 
     _check_generation(api, inp.llm, llm, row["token_ids"], "video")
+
+
+def test_image_mask_prompt_batched(release, converted, media, sam2_ckpt, monkeypatch):  # noqa: F811
+    """A mask prompt (which the release crashes on) batched with a box region in ONE call:
+    each row equals the official predictor run on its own prompt (`add_new_mask` /
+    `_use_mask_as_output`, taps from the decoder call that path makes)."""
+    _, llm, parts = release
+    img_path = media / "img" / "00000.jpg"
+    image = np.asarray(Image.open(img_path))
+    mask = np.zeros(HW, bool)
+    mask[50:170, 90:230] = True
+    mask[100:120, 120:140] = False  # a hole, so the mask is not just a box
+    pred = _official_predictor(sam2_ckpt, monkeypatch)
+    taps = OfficialTaps(pred)
+    with torch.inference_mode():
+        state = pred.init_state(video_path=str(media / "img"))
+        _, _, mask_logits = pred.add_new_mask(state, frame_idx=0, obj_id=1, mask=mask)
+        state = pred.init_state(video_path=str(media / "img"))
+        _, _, box_logits = pred.add_new_points_or_box(
+            state, frame_idx=0, obj_id=1, box=np.asarray(BOX, np.float32)
+        )
+    assert len(taps.calls) == 2
+
+    model, _, tok = load_pam(converted, llm_dtype=jnp.float32)
+    api = PAMPredictor(model, tok, max_new_tokens=NEW)
+    inp = api.image_inputs(image, [{"mask": mask}, {"box": BOX}], "explain")
+    _mask_agreement(inp.masks[0], to_np(mask_logits[0, 0]) > 0, "mask prompt")
+    _mask_agreement(inp.masks[1], to_np(box_logits[0, 0]) > 0, "box (batched with a mask)")
+    assert inp.scores[0] == 10.0  # _use_mask_as_output: +10 when the mask is not empty
+    before, after = prompts.prompt_ids(tok, "explain", "en")
+    text = llm.get_input_embeddings()
+    for i in range(2):
+        with torch.no_grad():
+            want = torch.cat([text(torch.tensor(before)), _torch_visual(parts, [taps.taps(i)]),
+                              text(torch.tensor(after))])  # fmt: skip
+        got = np.asarray(inp.llm.embeds[i, : inp.llm.lengths[i]])
+        _check_embeds(got, to_np(want), before, after, (SIZE // 32) ** 2 + 18)
