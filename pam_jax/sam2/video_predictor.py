@@ -63,7 +63,12 @@ from pam_jax.sam2.tracker import (
     point_rows,
     track_step,
 )
-from pam_jax.sam2.video_io import VideoFrames, load_video_frames, normalize, preprocess_frame
+from pam_jax.sam2.video_io import (
+    VideoFrames,
+    load_video_frames,
+    normalize_device,
+    preprocess_frame,
+)
 
 
 def _bucket(n: int, lo: int = 4) -> int:
@@ -76,8 +81,8 @@ def _bucket(n: int, lo: int = 4) -> int:
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _features(graphdef, state, image: jax.Array) -> FrameFeatures:
-    return frame_features(nnx.merge(graphdef, state), image[None])
+def _features(graphdef, state, image_u8: jax.Array) -> FrameFeatures:
+    return frame_features(nnx.merge(graphdef, state), normalize_device(image_u8)[None])
 
 
 def _bank_from_parts(parts: dict[str, Any]) -> MemoryBank:
@@ -121,11 +126,11 @@ def _step(
 
 @partial(jax.jit, static_argnames=("graphdef", "video_hw"))
 def _propagate_step(
-    graphdef, state, image, parts, frame_idx, num_frames, reverse, *, video_hw
+    graphdef, state, image_u8, parts, frame_idx, num_frames, reverse, *, video_hw
 ) -> tuple[StepOutput, jax.Array]:
     """Backbone + memory-conditioned tracking of all objects + video-res masks, one call."""
     model = nnx.merge(graphdef, state)
-    feats = frame_features(model, image[None])
+    feats = frame_features(model, normalize_device(image_u8)[None])
     bank = _bank_from_parts(parts)
     b = parts["cond_frames"].shape[0]
     coords = jnp.zeros((b, 1, 2), jnp.float32)
@@ -136,7 +141,7 @@ def _propagate_step(
         model, feats, mode, jnp.ones((b,), bool), coords, labels, valid, bank, frame_idx,
         num_frames, reverse, encode=True,
     )  # fmt: skip
-    return out, out.pred_masks
+    return out, resize_bilinear(out.pred_masks, video_hw, False, axes=(-2, -1))
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -258,7 +263,7 @@ class SAM2VideoPredictor:
     def _features(self, state: InferenceState, frame_idx: int) -> FrameFeatures:
         feats = state.cached_features.get(frame_idx)
         if feats is None:
-            feats = _features(self._graphdef, self._state, jnp.asarray(state.images[frame_idx]))
+            feats = _features(self._graphdef, self._state, state.images.frames_u8[frame_idx])
             state.cached_features = {frame_idx: feats}  # the most recent frame, as official
         return feats
 
@@ -293,7 +298,7 @@ class SAM2VideoPredictor:
             return hit
         cfg = self.config
         b, hw, c, d = len(objs), cfg.feat_size**2, cfg.mem_dim, cfg.d_model
-        kc = _bucket(max(len(state.cond[o]) for o in objs))
+        kc = _bucket(max(len(state.cond[o]) for o in objs), lo=1)
         cond_frames = np.zeros((b, kc), np.int32)
         cond_valid = np.zeros((b, kc), bool)
         cf = jnp.zeros((b, kc, hw, c), jnp.bfloat16)
@@ -560,11 +565,13 @@ class SAM2VideoPredictor:
         for f in order:
             is_cond = np.array([f in state.cond[o] for o in all_objs])
             if is_cond.all():
-                pred = jnp.stack([state.cond[o][f].pred_masks for o in all_objs])
+                video = _video_res(
+                    jnp.stack([state.cond[o][f].pred_masks for o in all_objs]), video_hw=hw
+                )
             else:
                 parts = self._bank_parts(state, all_objs, f, reverse)
-                out, pred = _propagate_step(
-                    self._graphdef, self._state, jnp.asarray(state.images[f]), parts,
+                out, video = _propagate_step(
+                    self._graphdef, self._state, state.images.frames_u8[f], parts,
                     np.int32(f), np.int32(num_frames), np.bool_(reverse), video_hw=hw,
                 )  # fmt: skip
                 state.non_cond[f] = _NonCond(
@@ -575,13 +582,14 @@ class SAM2VideoPredictor:
                     ~is_cond,
                 )
                 if is_cond.any():
-                    cond_pred = [
-                        state.cond[o][f].pred_masks if is_cond[o] else pred[o] for o in all_objs
+                    pred = [
+                        state.cond[o][f].pred_masks if is_cond[o] else out.pred_masks[o]
+                        for o in all_objs
                     ]
-                    pred = jnp.stack(cond_pred)
+                    video = _video_res(jnp.stack(pred), video_hw=hw)
             for o in all_objs:
                 state.frames_tracked[o][f] = reverse
-            yield f, obj_ids, np.asarray(_video_res(pred, video_hw=hw))
+            yield f, obj_ids, np.asarray(video)
 
     def get_object_scores(self, state: InferenceState, frame_idx: int) -> np.ndarray:
         """Object score logits [O] on a tracked or prompted frame (NaN where unknown)."""
@@ -600,12 +608,12 @@ class SAM2VideoPredictor:
 
 
 def _stream_step_fn(
-    graphdef, state, bank, image, mode, multimask, coords, labels, valid, mask_inputs,
+    graphdef, state, bank, image_u8, mode, multimask, coords, labels, valid, mask_inputs,
     frame_idx, num_frames, *, video_hw, counter,
 ):  # fmt: skip
     counter[0] += 1  # runs at trace time only: counts compilations
     model = nnx.merge(graphdef, state)
-    feats = frame_features(model, image[None])
+    feats = frame_features(model, normalize_device(image_u8)[None])
     out = track_step(
         model, feats, mode, multimask, coords, labels, valid, bank, frame_idx, num_frames,
         False, mask_inputs, encode=True,
@@ -736,7 +744,7 @@ class StreamingTracker:
         mode, multimask, coords, labels, valid, masks = self._prompt_arrays(h, w)
         nf = self.num_frames if self.num_frames is not None else 2**30
         self.bank, video, scores = self._jit(
-            self._graphdef, self._state, self.bank, jnp.asarray(normalize(img)), mode,
+            self._graphdef, self._state, self.bank, img, mode,
             multimask, coords, labels, valid, masks, np.int32(self.frame_idx), np.int32(nf),
             video_hw=self.video_hw,
         )  # fmt: skip

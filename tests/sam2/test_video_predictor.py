@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ from torch_ref import build_official_sam2, to_np
 from pam_jax.checkpoint import assign_params
 from pam_jax.sam2.config import sam2_config
 from pam_jax.sam2.model import SAM2Base
-from pam_jax.sam2.video_io import load_video_frames
+from pam_jax.sam2.video_io import load_video_frames, normalize_device
 from pam_jax.sam2.video_predictor import SAM2VideoPredictor
 
 H, W, T, SIZE = 120, 160, 8, 512
@@ -105,7 +106,8 @@ def scenario_b(p, state, official: bool) -> dict:
     """Box on obj 1 and a mask on obj 2 at frame 3, a click on obj 1 at frame 5; forward then
     reverse propagation (the reverse pass reads the forward pass's memories); a correction click
     on the tracked frame 6 (memory + previous logits); forward propagation again from frame 3; a
-    refinement click added to the prompted frame 3 (clear_old_points=False).
+    refinement click added to the prompted frame 3 (clear_old_points=False); a new object
+    added on frame 4 after tracking, propagated over frames 4..6.
 
     (Every tracked frame has an object pointer here: the official code on CPU float32 fails
     when one has none, because its bfloat16 memories then reach a float32 Linear unpromoted.)"""
@@ -127,6 +129,10 @@ def scenario_b(p, state, official: bool) -> dict:
     outs["refine"] = p.add_new_points_or_box(
         state, 3, 1, points=[[10, 10]], labels=[0], clear_old_points=False
     )
+    # a third object after tracking started (official: allowed; earlier frames lack its rows)
+    outs["new_obj"] = p.add_new_points_or_box(state, 4, 9, points=[[110, 80]], labels=[1])
+    for f, ids, m in p.propagate_in_video(state, start_frame_idx=4, max_frame_num_to_track=2):
+        outs[("fwd3", f)] = (f, ids, m)
     scores = official_scores if official else p.get_object_scores
     outs["scores"] = {f: scores(state, f) for f in range(T)}
     return outs
@@ -168,7 +174,7 @@ def results_b(frames):
 
 def check(want: dict, got: dict, what: str) -> dict:
     """Compare every returned (frame_idx, obj_ids, logits) and the object scores."""
-    stats = {"max_logit": 0.0, "min_agree": 1.0}
+    stats = {"max_logit": 0.0, "min_agree": 1.0, "max_score": 0.0}
     assert set(want) == set(got), f"{what}: yielded frames differ"
     for key in want:
         if key == "scores":
@@ -187,6 +193,8 @@ def check(want: dict, got: dict, what: str) -> dict:
     for f in range(T):
         sw, sg = want["scores"][f], got["scores"][f]
         np.testing.assert_allclose(sg, sw, atol=SCORE_ATOL, err_msg=f"{what} scores frame {f}")
+        diff = np.abs(sg - sw)[~np.isnan(sw)]
+        stats["max_score"] = max(stats["max_score"], float(diff.max(initial=0.0)))
     print(what, stats)
     return stats
 
@@ -201,6 +209,9 @@ def test_frame_loading_matches_official(frames):
     ours = np.stack([got[i] for i in range(T)])
     # exact: same PIL resize on uint8, same float64 / 255, same float32 normalization
     np.testing.assert_array_equal(ours, want.numpy().transpose(0, 2, 3, 1))
+    # the in-jit normalization the predictors use (uint8 travels to the device) is exact too
+    on_device = jax.jit(normalize_device)(got.frames_u8)
+    np.testing.assert_array_equal(np.asarray(on_device), ours)
 
 
 def test_parity_points_box_later_prompt(results_a):
