@@ -113,9 +113,9 @@ def bench_jax(cfg, args) -> dict:
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     sam2 = _numpy_random(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0), dtype=dt))
     parts = _numpy_random(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dt), 1)
-    llm = _numpy_random(
-        lambda: Qwen2ForCausalLM(cfg.llm, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt), 2
-    )
+    make_llm = lambda: Qwen2ForCausalLM(cfg.llm, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt)  # noqa: E731
+    # 3B: flax's init runs on the accelerator (3e9 host normals would take minutes)
+    llm = _numpy_random(make_llm, 2) if args.tiny else make_llm()
     model = PAM(cfg, sam2=sam2, parts=parts, llm=llm)
     tok = StandInTokenizer(cfg.llm.vocab_size, 14, args.text_after)
     pred = PAMPredictor(model, tok, max_new_tokens=args.new)
@@ -152,6 +152,9 @@ def bench_torch(cfg, sam2_name: str, seq: int, args) -> dict:
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
     from bench_llm import _import_hf
+
+    # first: it works around a torchvision wheel built for another torch, which sam2 imports
+    Qwen2Config, Qwen2ForCausalLM = _import_hf()
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -161,7 +164,8 @@ def bench_torch(cfg, sam2_name: str, seq: int, args) -> dict:
     sam = build_sam2(f"configs/sam2.1/{sam2_name}.yaml", None, device=dev,
                      hydra_overrides_extra=extra).eval()  # fmt: skip
     sam_pred = SAM2ImagePredictor(sam)
-    Qwen2Config, Qwen2ForCausalLM = _import_hf()
+    s = cfg.sam2.image_size  # the predictor hard-codes 1024's feature sizes
+    sam_pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
     hc = Qwen2Config(**{k: v for k, v in cfg.llm.to_hf().items()
                         if k not in ("architectures", "model_type", "torch_dtype")})  # fmt: skip
     torch.manual_seed(0)
