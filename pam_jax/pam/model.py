@@ -186,12 +186,16 @@ def load_pam(
     """
     from pathlib import Path
 
-    from pam_jax.checkpoint import assign_params, load_params, read_model_config
+    from pam_jax.checkpoint import CheckpointError, assign_params, load_params, read_model_config
     from pam_jax.llm.io import load_qwen2
     from pam_jax.sam2.loading import load_sam2
 
     d = Path(model_dir)
     meta = read_model_config(d, "pam")
+    if not any(d.glob("*.safetensors")):  # before the (slow) SAM 2 and LLM loads
+        raise CheckpointError(
+            f"{d} holds no PAM weights (model.safetensors); write it with `pam-jax convert pam`"
+        )
     cfg = PAMConfig.from_dict(meta["config"])
     sam2, _ = load_sam2(d / meta.get("sam2_dir", "sam2"), dtype=dtype or jnp.float32)
     llm, _, tok = load_qwen2(d / meta.get("llm_dir", "llm"), dtype=llm_dtype, mesh=mesh)

@@ -113,12 +113,19 @@ def test_bad_input_exit_2(model_dir, files, capsys, args, msg):  # noqa: F811
     assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
 
 
-def test_model_dir_without_weights(files, tmp_path, capsys):
+def test_model_dir_without_weights(model_dir, files, tmp_path, capsys):  # noqa: F811
+    import shutil
+
     d, _ = files
     (tmp_path / "empty").mkdir()
     rc = _predict(tmp_path / "empty", "--image", d / "img.png", "--box", "1,1,5,5")
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert rc == 2 and "no config.json" in err and len(err.splitlines()) == 1, err
+    bare = shutil.copytree(model_dir, tmp_path / "bare")
+    (bare / "model.safetensors").unlink()
+    rc = _predict(bare, "--image", d / "img.png", "--box", "1,1,5,5")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "holds no PAM weights" in err and len(err.splitlines()) == 1, err
 
 
 def test_video_stream(model_dir, files, tmp_path, capsys):  # noqa: F811

@@ -74,6 +74,20 @@ def test_regions_batched_equal_single(setup):
         assert isinstance(together[i].text, str)
 
 
+def test_images_one_generation(setup):
+    """describe_images: regions of several images, one batched generation == per image."""
+    cfg, model, tok, image = setup
+    pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW)
+    image2 = np.ascontiguousarray(image[::-1])
+    items = [(image, REGIONS[:2]), (image2, REGIONS[2:]), (image, [])]
+    out = pred.describe_images(items, "recognize")
+    assert [len(o) for o in out] == [2, 1, 0]
+    for (img, regs), got in zip(items[:2], out):
+        for a, b in zip(pred.describe_image(img, regs, "recognize"), got):
+            assert a.token_ids == b.token_ids and a.text == b.text
+            np.testing.assert_array_equal(a.mask, b.mask)
+
+
 def test_greedy_tokens_match_cache_free_loop(setup):
     """Predictor tokens == argmax loop over full forwards of [text, 274 visual, text] embeds."""
     cfg, model, tok, image = setup
