@@ -13,8 +13,11 @@ CONVERTERS = {
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("convert", help="convert official PyTorch / HF checkpoints",
-                       description="Convert official checkpoints into pam-jax model directories.")
+    p = sub.add_parser(
+        "convert",
+        help="convert official PyTorch / HF checkpoints",
+        description="Convert official checkpoints into pam-jax model directories.",
+    )
     conv = p.add_subparsers(dest="converter", metavar="WHAT", required=True)
     for name, (mod, help_) in CONVERTERS.items():
         try:

@@ -57,9 +57,13 @@ def assign_params(
     unknown = sorted(set(params) - set(by_key))
     errors = []
     if strict and missing:
-        errors.append(f"missing {len(missing)} keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        errors.append(
+            f"missing {len(missing)} keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
+        )
     if unknown:
-        errors.append(f"unknown {len(unknown)} keys: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+        errors.append(
+            f"unknown {len(unknown)} keys: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
     bad_shape = []
     for k, v in params.items():
         if k in by_key:
@@ -106,13 +110,17 @@ def read_model_config(model_dir: str | os.PathLike, kind: str | None = None) -> 
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory (expected a pam-jax model directory)")
     if not cfg.is_file():
-        raise CheckpointError(f"{d} has no {CONFIG_FILE}; convert a checkpoint with `pam-jax convert`")
+        raise CheckpointError(
+            f"{d} has no {CONFIG_FILE}; convert a checkpoint with `pam-jax convert`"
+        )
     try:
         meta = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg} is not a pam-jax model config (format={meta.get('format')!r})")
+        raise CheckpointError(
+            f"{cfg} is not a pam-jax model config (format={meta.get('format')!r})"
+        )
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{d} holds a {meta.get('kind')!r} model, expected {kind!r}")
     return meta

@@ -88,11 +88,11 @@ def make_mesh(
             raise ValueError(f"{len(devices)} devices do not divide into {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} devices, "
-                         f"have {len(devices)}")
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None] | None) -> NamedSharding:

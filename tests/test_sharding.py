@@ -13,7 +13,9 @@ from pam_jax import sharding
 
 def test_logical_to_spec_maps_through_rules():
     assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
-    assert sharding.logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), None, None)
+    assert sharding.logical_to_spec(("batch", "length", "act_embed")) == P(
+        ("data", "fsdp"), None, None
+    )
     assert sharding.logical_to_spec(None) == P()
 
 
@@ -51,7 +53,11 @@ def test_mesh_on_fake_devices():
         print("ok")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("ok")

@@ -39,8 +39,13 @@ def tv_shim() -> None:
         pass
 
 
-def build_official_sam2(size: str = "t", version: str = "2.1", image_size: int = 1024,
-                        seed: int = 0, video: bool = False):
+def build_official_sam2(
+    size: str = "t",
+    version: str = "2.1",
+    image_size: int = 1024,
+    seed: int = 0,
+    video: bool = False,
+):
     """Official SAM2Base (or SAM2VideoPredictor) with random perturbed weights, eval mode."""
     import torch
     from sam2.build_sam import build_sam2, build_sam2_video_predictor

@@ -125,7 +125,9 @@ def sam2_config(size: str, version: str = "2.1", image_size: int = 1024) -> SAM2
     """Preset for one of the 8 official checkpoints: size in t/s/b+/l (or tiny/small/...)."""
     size = {v: k for k, v in SIZE_NAMES.items()}.get(size, size)
     if size not in HIERA:
-        raise ValueError(f"unknown SAM 2 size {size!r}; expected one of {list(SIZE_NAMES.values())}")
+        raise ValueError(
+            f"unknown SAM 2 size {size!r}; expected one of {list(SIZE_NAMES.values())}"
+        )
     v21 = version == "2.1"
     prefix = "sam2.1" if v21 else "sam2"
     return SAM2Config(
