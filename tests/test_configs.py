@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pam_jax import configs
-from pam_jax.sam2.config import OFFICIAL, SAM2Config
+from pam_jax.sam2.config import HIERA, OFFICIAL, SAM2Config
 
 
 def test_every_official_sam2_checkpoint_has_a_preset():
@@ -13,7 +13,7 @@ def test_every_official_sam2_checkpoint_has_a_preset():
     for name, (size, version) in OFFICIAL.items():
         cfg = configs.load(name)
         assert isinstance(cfg, SAM2Config)
-        assert cfg.version == version
+        assert cfg.version == version and cfg.hiera == HIERA[size]
         assert cfg.no_obj_embed_spatial == (version == "2.1")
 
 
