@@ -144,6 +144,11 @@ def test_demo(tmp_path, capsys):
     assert [m["prompt"] for m in res["masks"]] == ["box prompt", "point prompt"]
     with Image.open(out / "demo.png") as im:
         assert im.size == (640, 480)
+    # the PAM stage: both regions captioned in one batch, text drawn on the second overlay
+    assert [r["prompt"] for r in res["pam"]] == ["box prompt", "point prompt"]
+    assert all(isinstance(r["text"], str) and r["text"] for r in res["pam"])
+    with Image.open(out / "demo_pam.png") as im:
+        assert im.size == (640, 480)
     assert main(["demo", "--out", str(out), "--image-size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
 
