@@ -127,9 +127,10 @@ def load_mask_png(path: str | Path, hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def read_regions(path: str | Path, hw: tuple[int, int]) -> list[dict]:
+def read_regions(path: str | Path, hw: tuple[int, int]) -> tuple[list[dict], list[str | None]]:
     """REGIONS.json: a list of {"box"?, "points"?, "labels"?, "mask"?} objects (or
-    {"regions": [...]}); mask file names are relative to the JSON file. Masks are loaded."""
+    {"regions": [...]}); mask file names are relative to the JSON file. Returns the regions
+    (masks loaded as bool arrays) and each region's mask file name (None without a mask)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -141,13 +142,14 @@ def read_regions(path: str | Path, hw: tuple[int, int]) -> list[dict]:
         data = data["regions"]
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"regions file {p}: expected a non-empty list of region objects")
-    out = []
+    out, names = [], []
     for r in data:
         r = dict(r)
+        names.append(None if r.get("mask") is None else str(r["mask"]))
         if r.get("mask") is not None:
             r["mask"] = load_mask_png(p.parent / r["mask"], hw)
         out.append(r)
-    return out
+    return out, names
 
 
 def _task(args: argparse.Namespace) -> str:
@@ -163,7 +165,10 @@ def _task(args: argparse.Namespace) -> str:
     return TASK_ALIASES.get(t, t)
 
 
-def _prompt_regions(args: argparse.Namespace, hw: tuple[int, int]) -> list[dict]:
+def _prompt_regions(
+    args: argparse.Namespace, hw: tuple[int, int]
+) -> tuple[list[dict], list[str | None]]:
+    """The regions and each one's mask-prompt file name (None without a mask)."""
     kinds = {
         "--box/--point": args.box or args.point,
         "--mask-input": args.mask_input,
@@ -177,8 +182,9 @@ def _prompt_regions(args: argparse.Namespace, hw: tuple[int, int]) -> list[dict]
     if args.regions:
         return read_regions(args.regions, hw)
     if args.mask_input:
-        return [{"mask": load_mask_png(args.mask_input, hw)}]
-    return regions_from_args(args.box, args.point)
+        return [{"mask": load_mask_png(args.mask_input, hw)}], [args.mask_input]
+    regions = regions_from_args(args.box, args.point)
+    return regions, [None] * len(regions)
 
 
 def _clip_ends(args: argparse.Namespace, n: int) -> list[int] | None:
@@ -228,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         frames, image = None, load_image(args.image)
     hw = image.shape[:2]
-    regions = _prompt_regions(args, hw)
+    regions, mask_names = _prompt_regions(args, hw)
     if args.video and len(regions) != 1:
         raise ValueError("a video takes one region (one --box and / or clicks, or one mask)")
     region_prompts(regions, hw, 1024)  # validates (outside the image, empty, bad labels)
@@ -245,15 +251,15 @@ def _run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, penalty)
     pred = PAMPredictor(model, tok, sampling=sampling, max_new_tokens=args.max_new_tokens)
     if frames is not None:
-        return _run_video(args, pred, frames, regions[0], task, clip_ends)
+        return _run_video(args, pred, frames, regions[0], mask_names[0], task, clip_ends)
     results = pred.describe_image(image, regions, task, args.lang)
 
     out = Path(args.out) if args.out else None
     rows = []
     for i, (r, res) in enumerate(zip(regions, results)):
         row = {k: v for k, v in r.items() if k != "mask"}
-        if "mask" in r:
-            row["mask_input"] = args.mask_input or "(regions file)"
+        if mask_names[i] is not None:
+            row["mask_input"] = mask_names[i]
         row |= {"text": res.text, "token_ids": res.token_ids,
                 "object_score": round(res.score, 4), "mask_area": int(res.mask.sum())}  # fmt: skip
         if out is not None:
@@ -325,7 +331,7 @@ def _load_frames(path: str) -> list:
     return out
 
 
-def _run_video(args, pred, frames, region, task, clip_ends) -> int:
+def _run_video(args, pred, frames, region, mask_name, task, clip_ends) -> int:
     if clip_ends:
         results = pred.describe_stream(frames, region, clip_ends, args.lang)
         starts = [0, *clip_ends[:-1]]
@@ -334,8 +340,8 @@ def _run_video(args, pred, frames, region, task, clip_ends) -> int:
         starts = [0]
     out = Path(args.out) if args.out else None
     prompt = {k: v for k, v in region.items() if k != "mask"}
-    if "mask" in region:
-        prompt["mask_input"] = args.mask_input or "(regions file)"
+    if mask_name is not None:
+        prompt["mask_input"] = mask_name
     rows = []
     for s, res in zip(starts, results):
         row = {

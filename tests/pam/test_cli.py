@@ -73,7 +73,7 @@ def test_regions_json_one_batched_call(setup, model_dir, files, tmp_path, capsys
         m = np.asarray(Image.open(tmp_path / row["mask_file"])) > 0
         np.testing.assert_array_equal(m, w.mask)
     # a mask prompt is its own output (_use_mask_as_output) with the +10 presence score
-    assert rows[2]["object_score"] == 10.0 and rows[2]["mask_input"]
+    assert rows[2]["object_score"] == 10.0 and rows[2]["mask_input"] == "m.png"
     iou = (want[2].mask & mask).sum() / (want[2].mask | mask).sum()
     assert iou > 0.97  # only the 4x down / up resampling of the +-10 logits differs
 
