@@ -89,7 +89,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
-        help="compute dtype of SAM 2 and the perceiver (the LLM runs in bfloat16)",
+        help="compute dtype of SAM 2 and the perceiver (the LLM: --llm-dtype)",
     )
     p.add_argument("--llm-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="LLM parameter and compute dtype")  # fmt: skip
