@@ -15,6 +15,7 @@ from flax import nnx
 
 from pam_jax.sam2.common import layer_norm, linear
 from pam_jax.sam2.position_encoding import apply_rotary_enc, compute_axial_cis
+from pam_jax.sam2.two_way_transformer import Attention
 
 
 def masked_attention(
@@ -33,7 +34,7 @@ def masked_attention(
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
-class RoPEAttention(nnx.Module):
+class RoPEAttention(Attention):
     """Official `RoPEAttention`: attention with axial RoPE on q and (the first) keys.
 
     The RoPE table is recomputed for the actual query length L (a square sqrt(L) x sqrt(L) map,
@@ -54,21 +55,11 @@ class RoPEAttention(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
     ):
-        self.embedding_dim = embedding_dim
-        self.kv_in_dim = kv_in_dim if kv_in_dim is not None else embedding_dim
-        self.internal_dim = embedding_dim // downsample_rate
-        self.num_heads = num_heads
-        if self.internal_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide {self.internal_dim}")
+        super().__init__(
+            embedding_dim, num_heads, downsample_rate, kv_in_dim, rngs=rngs, dtype=dtype
+        )
         self.rope_theta = rope_theta
         self.rope_k_repeat = rope_k_repeat
-        in_axes = ("vis_embed", "vis_heads")
-        self.q_proj = linear(embedding_dim, self.internal_dim, rngs, axes=in_axes, dtype=dtype)
-        self.k_proj = linear(self.kv_in_dim, self.internal_dim, rngs, axes=in_axes, dtype=dtype)
-        self.v_proj = linear(self.kv_in_dim, self.internal_dim, rngs, axes=in_axes, dtype=dtype)
-        self.out_proj = linear(
-            self.internal_dim, embedding_dim, rngs, axes=("vis_heads", "vis_embed"), dtype=dtype
-        )
 
     def _heads(self, x: jax.Array) -> jax.Array:  # [B, L, C] -> [B, H, L, C / H]
         b, n, c = x.shape
