@@ -64,13 +64,24 @@ def _lang(lang: str) -> str:
     return lang
 
 
+# `pam-jax predict --task` names -> task names
+CLI_TASKS = {
+    "caption": "brief_caption",
+    "brief-caption": "brief_caption",
+    "detailed-caption": "detailed_caption",
+    "video-caption": "video_caption",
+}
+
+
 def task_prompt(task: str, lang: str = "en", history: str | None = None) -> str:
     """The user instruction for a task, e.g. `task_prompt("recognize")`.
 
     Tasks: recognize, explain, brief_caption, detailed_caption (images), video_caption and
     streaming_caption (videos; `history` = the previous clip's caption, None for the first clip,
-    which the release writes as "None" / "无"). Release mode names ("brief_cap_en", ...) work too.
+    which the release writes as "None" / "无"). Release mode names ("brief_cap_en", ...) and the
+    CLI's names ("caption", "detailed-caption") work too.
     """
+    task = CLI_TASKS.get(task, task)
     if task not in TASKS and task != "streaming_caption":
         base, _, suffix = task.rpartition("_")
         if base in RELEASE_MODES and suffix in ("en", "ch"):

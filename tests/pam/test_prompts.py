@@ -98,3 +98,8 @@ def test_prompt_ids_match_release_tokenization(task, lang):
     im_start = tok.token_to_id("<|im_start|>")
     assert before[0] == im_start and before.count(im_start) == 2  # system + user turns
     assert after.count(im_start) == 1  # the assistant turn
+
+
+def test_cli_task_names_are_accepted_by_the_python_api():
+    assert prompts.task_prompt("caption") == prompts.task_prompt("brief_caption")
+    assert prompts.task_prompt("detailed-caption", "zh") == prompts.task_prompt("detail_cap_ch")
