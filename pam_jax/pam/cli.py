@@ -37,16 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from pam_jax.checkpoint import CheckpointError
+from pam_jax.pam.prompts import CLI_TASKS
 
-# CLI task names -> the predictor's (release mode names such as `detail_cap_ch` work too)
-TASK_ALIASES = {
-    "recognize": "recognize",
-    "explain": "explain",
-    "caption": "brief_caption",
-    "brief-caption": "brief_caption",
-    "detailed-caption": "detailed_caption",
-    "video-caption": "video_caption",
-}
 LABEL_CHARS = 60  # text drawn on overlays is cut here (the JSON has all of it)
 
 
@@ -162,7 +154,7 @@ def _task(args: argparse.Namespace) -> str:
         raise ValueError(f"--task {t}: videos support captioning only (caption)")
     if t is None:
         return "detailed_caption"
-    return TASK_ALIASES.get(t, t)
+    return CLI_TASKS.get(t, t)
 
 
 def _prompt_regions(

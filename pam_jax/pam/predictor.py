@@ -36,6 +36,7 @@ from flax import nnx
 from pam_jax.llm.sampler import SamplingParams, generate, prepare
 from pam_jax.pam import assembly, prompts
 from pam_jax.pam.model import PAM
+from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.ops import resize_bilinear
 from pam_jax.sam2.video_io import normalize, preprocess_frame
 
@@ -46,10 +47,6 @@ class RegionResult:
     mask: np.ndarray  # [H, W] bool at the original resolution
     score: float  # SAM 2 object score logit (> 0: object present)
     token_ids: list[int]
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @partial(jax.jit, static_argnames=("graphdef", "orig_hw"))
@@ -140,7 +137,7 @@ def region_prompts(
         # the video predictor's normalize_coords: / (W, H) in float32, then * image_size
         c = c / np.array([w, h], np.float32) * np.float32(image_size)
         rows.append((c, np.concatenate(ls)))
-    p = _bucket(max(len(lab) for _, lab in rows))
+    p = pow2_bucket(max(len(lab) for _, lab in rows))
     n = len(rows)
     coords = np.zeros((n, p, 2), np.float32)
     labels = -np.ones((n, p), np.int32)

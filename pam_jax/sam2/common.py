@@ -10,6 +10,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def pow2_bucket(n: int, lo: int = 1) -> int:
+    """n rounded up to a power of two (at least `lo`): padded prompt / slot counts take few
+    distinct values, so few compiled shapes serve all inputs."""
+    return max(lo, 1 << max(0, n - 1).bit_length())
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """torch.nn.GELU(): the exact erf form (the tanh default is off by up to 4.7e-4)."""
     return jax.nn.gelu(x, approximate=False)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.model import SAM2Base
 from pam_jax.sam2.ops import resize_bilinear
 
@@ -61,11 +62,6 @@ def preprocess(image: jax.Array, image_size: int) -> jax.Array:
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     return (x - mean) / std
-
-
-def _bucket(n: int) -> int:
-    """Token counts are padded to powers of two so a few compiled shapes serve all prompts."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +293,7 @@ class SAM2ImagePredictor:
             tok_c.append(np.concatenate(cs) if cs else np.zeros((0, 2), np.float32))
             tok_l.append(np.concatenate(ls) if ls else np.zeros((0,), np.int32))
 
-        p = _bucket(max(len(x) for x in tok_l))
+        p = pow2_bucket(max(len(x) for x in tok_l))
         coords = np.zeros((n, p, 2), np.float32)
         labels = -np.ones((n, p), np.int32)
         valid = np.zeros((n, p + 1), bool)  # + the official pad point

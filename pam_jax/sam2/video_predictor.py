@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.memory import MemoryBank, init_memory_bank, insert_memory
 from pam_jax.sam2.model import NO_OBJ_SCORE, SAM2Base
 from pam_jax.sam2.ops import resize_bilinear
@@ -69,12 +70,6 @@ from pam_jax.sam2.video_io import (
     normalize_device,
     preprocess_frame,
 )
-
-
-def _bucket(n: int, lo: int = 4) -> int:
-    """Pad counts to powers of two (>= lo) so few compiled shapes serve all prompts."""
-    return max(lo, 1 << max(0, n - 1).bit_length())
-
 
 # ---------------------------------------------------------------------------------------------
 # jitted kernels over (graphdef, state)
@@ -298,7 +293,7 @@ class SAM2VideoPredictor:
             return hit
         cfg = self.config
         b, hw, c, d = len(objs), cfg.feat_size**2, cfg.mem_dim, cfg.d_model
-        kc = _bucket(max(len(state.cond[o]) for o in objs), lo=1)
+        kc = pow2_bucket(max(len(state.cond[o]) for o in objs))
         cond_frames = np.zeros((b, kc), np.int32)
         cond_valid = np.zeros((b, kc), bool)
         cf = jnp.zeros((b, kc, hw, c), jnp.bfloat16)
@@ -426,7 +421,7 @@ class SAM2VideoPredictor:
         prev = self._prev_out(state, o, key, f)
 
         feats = self._features(state, f)
-        p = _bucket(len(labs))
+        p = pow2_bucket(len(labs), lo=4)
         coords, lab_rows, valid = point_rows([(pts, labs)], p)
         lr = self.config.low_res_size
         prev_logits = np.zeros((1, lr, lr, 1), np.float32)
