@@ -138,6 +138,16 @@ def bench_jax(cfg, args) -> dict:
         out[f"{name}_s"] = _median(lambda r=regs: full(r), args.reps)
         prefix(regs)
         out[f"{name}_prefix_s"] = _median(lambda r=regs: prefix(r), args.reps)
+        # generation alone on fixed inputs, and its prefill alone (one new token)
+        llm_in = pred.image_inputs(image, regs, "recognize").llm
+        out[f"{name}_generate_s"] = _median(lambda x=llm_in: pred.generate(x), args.reps)
+        pred.max_new_tokens = 1
+        pred.generate(llm_in)  # compile
+        out[f"{name}_prefill_s"] = _median(lambda x=llm_in: pred.generate(x), args.reps)
+        pred.max_new_tokens = args.new
+        out[f"{name}_decode_step_ms"] = (
+            1e3 * (out[f"{name}_generate_s"] - out[f"{name}_prefill_s"]) / (args.new - 1)
+        )
     out["regions_per_s"] = args.regions / out["batch_s"]
     pred = model = llm = sam2 = parts = None  # free the weights before the peer
     gc.collect()
@@ -233,12 +243,15 @@ def main(argv=None) -> int:
                       "regions": args.regions, "dtype": args.dtype}}  # fmt: skip
     res["pam_jax"] = j = bench_jax(cfg, args)
     print(f"pam-jax: LLM input {j['seq_len']} embeddings ({j['visual_len']} visual)")
-    print(f"  item (batch 1): {j['item_s']:.3f} s  (SAM 2 + perceiver + splice "
-          f"{j['item_prefix_s']:.3f} s)")  # fmt: skip
-    print(
-        f"  {args.regions} regions, one call: {j['batch_s']:.3f} s = {j['regions_per_s']:.1f} "
-        f"regions/s (before generation {j['batch_prefix_s']:.3f} s)"
-    )
+    print(f"  item (batch 1): {j['item_s']:.3f} s")
+    print(f"  {args.regions} regions, one call: {j['batch_s']:.3f} s = {j['regions_per_s']:.1f} "
+          "regions/s")  # fmt: skip
+    for name in ("item", "batch"):
+        print(
+            f"  {name} breakdown: SAM 2 + perceiver + splice {j[f'{name}_prefix_s']:.3f} s, "
+            f"generation {j[f'{name}_generate_s']:.3f} s (prefill + first token "
+            f"{j[f'{name}_prefill_s']:.3f} s, {j[f'{name}_decode_step_ms']:.2f} ms / step)"
+        )
     if not args.no_peer:
         res["torch"] = t = bench_torch(cfg, sam2_name, j["seq_len"], args)
         print(

@@ -73,6 +73,11 @@ def _mask_to_model(mask: jax.Array, *, size: int) -> jax.Array:
 
 REGION_KEYS = ("box", "points", "labels", "mask")
 
+# LLM prompt buckets: PAM prompts are ~1085 embeddings for every region of a task, so a fine
+# grid (<= 63 padding columns) costs few compilations; the generic four-per-octave grid would
+# pad 1085 to 1280 and spend 18% more prefill FLOPs on padding.
+LLM_BUCKETS = tuple(range(64, (1 << 17) + 1, 64))
+
 
 def _check_inside(xy: np.ndarray, hw: tuple[int, int], what: str) -> None:
     h, w = hw
@@ -304,7 +309,7 @@ class PAMPredictor:
         gen = generate(
             self._llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
-            pad_id=pad, rng=rng,
+            pad_id=pad, rng=rng, buckets=LLM_BUCKETS,
         )  # fmt: skip
         out = []
         for i in range(inp.embeds.shape[0]):
