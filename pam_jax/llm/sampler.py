@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pam_jax.llm.qwen2 import PrefillLengths
+from pam_jax.prepared import Structure, merge
 
 TRACES: collections.Counter = collections.Counter()  # (bucket, batch, max_new) -> traces
 
@@ -69,31 +70,12 @@ class SamplingParams:
         )
 
 
-class _Structure:
-    """GraphDef + state treedef as one static jit argument whose hash is computed once."""
-
-    def __init__(self, graphdef, treedef):
-        self.graphdef, self.treedef = graphdef, treedef
-        self._hash = hash((graphdef, treedef))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (
-            isinstance(other, _Structure)
-            and self._hash == other._hash
-            and self.graphdef == other.graphdef
-            and self.treedef == other.treedef
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class PreparedModel:
     """A model split and flattened once: per call, `nnx.split` of a 28-layer model costs ~25 ms
     of Python, hashing its GraphDef several more, flattening its State ~5 ms."""
 
-    structure: _Structure
+    structure: Structure
     leaves: list
     cfg: Any
 
@@ -104,7 +86,7 @@ def prepare(model: Any) -> PreparedModel:
         return model
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    return PreparedModel(_Structure(graphdef, treedef), leaves, model.cfg)
+    return PreparedModel(Structure(graphdef, treedef), leaves, model.cfg)
 
 
 @dataclasses.dataclass
@@ -221,7 +203,7 @@ def _generate(
 ):
     b0, t = prompt.shape[:2]
     TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
-    model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
+    model = merge(structure, leaves)
     use_pen = mode[3]
     x = model.embed(prompt) if from_ids else prompt
     start = t - lengths  # first valid cache slot of each row (prompts end at slot t - 1)

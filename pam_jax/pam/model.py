@@ -23,6 +23,7 @@ from pam_jax.pam import assembly
 from pam_jax.pam.config import PAMConfig
 from pam_jax.pam.perceiver import SemanticPerceiver
 from pam_jax.pam.projector import MLPProjector, newline_param
+from pam_jax.sam2.model import NO_OBJ_SCORE, SAM2Base
 from pam_jax.sam2.ops import resize_bilinear
 
 PARTS = (
@@ -88,7 +89,6 @@ class PAM(nnx.Module):
         llm_dtype=jnp.float32, sam2=None, llm=None, parts: PAMParts | None = None,
     ):  # fmt: skip
         from pam_jax.llm.qwen2 import Qwen2ForCausalLM
-        from pam_jax.sam2.model import SAM2Base
 
         self.config = config
         if rngs is None and (sam2 is None or llm is None or parts is None):
@@ -109,51 +109,65 @@ class PAM(nnx.Module):
         mask_inputs: jax.Array | None = None,
         is_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """N regions of one image, as the release's 1-frame video predictor sees them.
+        """`image_regions` with this model's SAM 2 and parts."""
+        return image_regions(
+            self.sam2, self.parts, image, coords, labels, valid, mask_inputs, is_mask
+        )
 
-        image [1, S, S, 3] normalized; coords [N, P, 2] model-input pixels, labels [N, P]
-        (2 / 3 box corners, 1 / 0 clicks, -1 padding), valid [N, P]. The conditioning frame's
-        features are the backbone's plus `no_mem_embed`; the decoder runs in single-mask mode
-        (`multimask_output_in_sam: False`).
 
-        Mask prompts (rows where is_mask [N] is set; mask_inputs [N, S, S] binary floats, the
-        mask as `add_new_mask` resizes it) follow `_use_mask_as_output`, the path the release's
-        fork crashes on (it unpacks 7 of its 9 `_forward_sam_heads` outputs): the output mask
-        is the input mask (+-10 logits, antialiased down to 4h x 4w), the object score +-10 by
-        presence, and the perceiver taps come from the decoder call that path makes: raw
-        backbone features (no `no_mem_embed`), dense prompt `mask_downsample(mask)`, the
-        prompt-less (0, 0) / -1 point (the caller's row holds it), single-mask mode.
+def image_regions(
+    sam2: SAM2Base,
+    parts: PAMParts,
+    image: jax.Array,
+    coords: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    mask_inputs: jax.Array | None = None,
+    is_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """N regions of one image through SAM 2 and PAM's parts, as the release's 1-frame video
+    predictor sees them.
 
-        Returns (visual embeddings [N, 1042, H], low-res mask logits [N, 4h, 4w] gated by the
-        object score as the video predictor does, object score logits [N]).
-        """
-        from pam_jax.sam2.model import NO_OBJ_SCORE
+    image [1, S, S, 3] normalized; coords [N, P, 2] model-input pixels, labels [N, P]
+    (2 / 3 box corners, 1 / 0 clicks, -1 padding), valid [N, P]. The conditioning frame's
+    features are the backbone's plus `no_mem_embed`; the decoder runs in single-mask mode
+    (`multimask_output_in_sam: False`).
 
-        sam2 = self.sam2
-        feats = sam2.image_features(image)
-        embed, dense, has = feats["image_embed"], None, None
-        if mask_inputs is not None:
-            raw = embed - sam2.no_mem_embed[...].reshape(1, 1, 1, -1)
-            sel = is_mask[:, None, None, None]
-            embed = jnp.where(sel, raw, embed)  # [N, h, w, C]
-            dense = sam2.mask_downsample(mask_inputs[..., None].astype(jnp.float32))
-            dense, has = dense.astype(jnp.float32), is_mask
-        token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
-        out = sam2.decode_prompts(
-            embed, feats["high_res_feats"], coords, labels, token_valid, dense, has,
-            multimask_output=False, dynamic_multimask=False,
-        )  # fmt: skip
-        visual = self.parts.image_visual_embeds(out.mid_image_embed, out.mid_mask_tokens)
-        obj = out.object_score_logits[:, 0]
-        low = jnp.where(obj[:, None, None] > 0, out.masks[:, 0], NO_OBJ_SCORE)
-        low = low.astype(jnp.float32)
-        if mask_inputs is not None:
-            m = mask_inputs.astype(jnp.float32)
-            m_low = resize_bilinear(m * 20.0 - 10.0, low.shape[-2:], True, axes=(-2, -1))
-            m_obj = jnp.where(jnp.any(m > 0, axis=(1, 2)), 10.0, -10.0)
-            low = jnp.where(is_mask[:, None, None], m_low, low)
-            obj = jnp.where(is_mask, m_obj, obj.astype(jnp.float32))
-        return visual, low, obj
+    Mask prompts (rows where is_mask [N] is set; mask_inputs [N, S, S] binary floats, the
+    mask as `add_new_mask` resizes it) follow `_use_mask_as_output`, the path the release's
+    fork crashes on (it unpacks 7 of its 9 `_forward_sam_heads` outputs): the output mask
+    is the input mask (+-10 logits, antialiased down to 4h x 4w), the object score +-10 by
+    presence, and the perceiver taps come from the decoder call that path makes: raw
+    backbone features (no `no_mem_embed`), dense prompt `mask_downsample(mask)`, the
+    prompt-less (0, 0) / -1 point (the caller's row holds it), single-mask mode.
+
+    Returns (visual embeddings [N, 1042, H], low-res mask logits [N, 4h, 4w] gated by the
+    object score as the video predictor does, object score logits [N]).
+    """
+    feats = sam2.image_features(image)
+    embed, dense, has = feats["image_embed"], None, None
+    if mask_inputs is not None:
+        raw = embed - sam2.no_mem_embed[...].reshape(1, 1, 1, -1)
+        sel = is_mask[:, None, None, None]
+        embed = jnp.where(sel, raw, embed)  # [N, h, w, C]
+        dense = sam2.mask_downsample(mask_inputs[..., None].astype(jnp.float32))
+        dense, has = dense.astype(jnp.float32), is_mask
+    token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
+    out = sam2.decode_prompts(
+        embed, feats["high_res_feats"], coords, labels, token_valid, dense, has,
+        multimask_output=False, dynamic_multimask=False,
+    )  # fmt: skip
+    visual = parts.image_visual_embeds(out.mid_image_embed, out.mid_mask_tokens)
+    obj = out.object_score_logits[:, 0]
+    low = jnp.where(obj[:, None, None] > 0, out.masks[:, 0], NO_OBJ_SCORE)
+    low = low.astype(jnp.float32)
+    if mask_inputs is not None:
+        m = mask_inputs.astype(jnp.float32)
+        m_low = resize_bilinear(m * 20.0 - 10.0, low.shape[-2:], True, axes=(-2, -1))
+        m_obj = jnp.where(jnp.any(m > 0, axis=(1, 2)), 10.0, -10.0)
+        low = jnp.where(is_mask[:, None, None], m_low, low)
+        obj = jnp.where(is_mask, m_obj, obj.astype(jnp.float32))
+    return visual, low, obj
 
 
 def resize_vocab(llm, n: int):

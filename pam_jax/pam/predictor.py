@@ -31,14 +31,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from pam_jax.llm.sampler import SamplingParams, generate, prepare
+from pam_jax.llm import sampler
+from pam_jax.llm.sampler import SamplingParams, generate
 from pam_jax.pam import assembly, prompts
-from pam_jax.pam.model import PAM
+from pam_jax.pam.model import PAM, image_regions
+from pam_jax.prepared import merge, prepare
 from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.ops import resize_bilinear
-from pam_jax.sam2.video_io import normalize, preprocess_frame
+from pam_jax.sam2.video_io import normalize_device, preprocess_frame
 
 
 @dataclasses.dataclass
@@ -49,17 +50,18 @@ class RegionResult:
     token_ids: list[int]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "orig_hw"))
-def _image_step(graphdef, state, image, coords, labels, valid, mask_inputs, is_mask, *, orig_hw):
-    model = nnx.merge(graphdef, state)
-    visual, low, obj = model.image_regions(image, coords, labels, valid, mask_inputs, is_mask)
+@partial(jax.jit, static_argnames=("structure", "orig_hw"))
+def _image_step(structure, leaves, image_u8, coords, labels, valid, mask_in, is_mask, *, orig_hw):
+    sam2, parts = merge(structure, leaves)
+    image = normalize_device(image_u8)[None]
+    visual, low, obj = image_regions(sam2, parts, image, coords, labels, valid, mask_in, is_mask)
     masks = resize_bilinear(low, orig_hw, False, axes=(-2, -1)) > 0
     return visual, masks, obj
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _embed(graphdef, state, text_ids, visual, visual_index, is_visual, mask):
-    llm = nnx.merge(graphdef, state)
+@partial(jax.jit, static_argnames=("structure",))
+def _embed(structure, leaves, text_ids, visual, visual_index, is_visual, mask):
+    llm = merge(structure, leaves)
     lay = assembly.Layout(text_ids, visual_index, is_visual, mask, None, None)
     return assembly.assemble(llm.embed(text_ids), visual.astype(llm.dtype), lay)
 
@@ -204,10 +206,11 @@ class PAMPredictor:
             sampling = SamplingParams(repetition_penalty=float(gc.get("repetition_penalty", 1.0)))
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
-        self._graphdef, self._state = nnx.split(model)
-        self._llm_graphdef, self._llm_state = nnx.split(model.llm)
-        self._parts_graphdef, self._parts_state = nnx.split(model.parts)
-        self._llm = prepare(model.llm)  # split once, not per generate call
+        # split and hashed once (pam_jax.prepared), not per call
+        self._vision = prepare((model.sam2, model.parts))
+        self._sam2 = prepare(model.sam2)
+        self._parts = prepare(model.parts)
+        self._llm = sampler.prepare(model.llm)
 
     def _stop_and_pad(self) -> tuple[list[int], int]:
         tok = self.tokenizer
@@ -224,6 +227,11 @@ class PAMPredictor:
     ) -> ImageInputs:
         """SAM 2 + perceiver + ChatML splice for N regions of one image (one batched call):
         the LLM input embeddings, the masks [N, H, W] and object scores, before generation."""
+        inp = self._image_inputs(image, regions, task, lang)
+        return dataclasses.replace(inp, masks=np.asarray(inp.masks), scores=np.asarray(inp.scores))
+
+    def _image_inputs(self, image, regions, task, lang) -> ImageInputs:
+        """`image_inputs` with masks and scores left on the device (nothing waits for them)."""
         prompts.task_prompt(task, lang)  # validates the task and language
         if task in prompts.VIDEO_TASKS or task.startswith("video_cap"):
             raise ValueError(f"{task!r} is a video task; image tasks: {prompts.IMAGE_TASKS}")
@@ -232,13 +240,11 @@ class PAMPredictor:
         resized, h, w = preprocess_frame(image, self.image_size)
         coords, labels, valid = region_prompts(regions, (h, w), self.image_size)
         mask_in, is_mask = region_masks(regions, self.image_size)
-        img = jnp.asarray(normalize(resized))[None]
         visual, masks, obj = _image_step(
-            self._graphdef, self._state, img, coords, labels, valid, mask_in, is_mask,
-            orig_hw=(h, w),
+            self._vision.structure, self._vision.leaves, resized, coords, labels, valid,
+            mask_in, is_mask, orig_hw=(h, w),
         )  # fmt: skip
-        llm_in = self.llm_inputs(visual, task, lang, None)
-        return ImageInputs(llm_in, np.asarray(masks), np.asarray(obj))
+        return ImageInputs(self.llm_inputs(visual, task, lang, None), masks, obj)
 
     def describe_image(
         self,
@@ -254,10 +260,11 @@ class PAMPredictor:
         and generated in one batch; one result per region."""
         if not regions:
             return []
-        inp = self.image_inputs(image, regions, task, lang)
-        texts = self.generate(inp.llm, rng)
+        inp = self._image_inputs(image, regions, task, lang)
+        texts = self.generate(inp.llm, rng)  # queued behind SAM 2 on the device
+        masks, scores = np.asarray(inp.masks), np.asarray(inp.scores)
         return [
-            RegionResult(text, inp.masks[i], float(inp.scores[i]), ids)
+            RegionResult(text, masks[i], float(scores[i]), ids)
             for i, (text, ids) in enumerate(texts)
         ]
 
@@ -271,7 +278,7 @@ class PAMPredictor:
     ) -> list[list[RegionResult]]:
         """Several (image, regions) items: SAM 2 + perceiver per image (one batched call over
         its regions), then ONE batched generation over every region of every image."""
-        inps = [self.image_inputs(img, regs, task, lang) if regs else None for img, regs in items]
+        inps = [self._image_inputs(img, regs, task, lang) if regs else None for img, regs in items]
         real = [i for i in inps if i is not None]
         if not real:
             return [[] for _ in items]
@@ -286,9 +293,11 @@ class PAMPredictor:
         out = []
         for inp in inps:
             rows = []
-            for i in range(0 if inp is None else len(inp.scores)):
-                text, ids = next(texts)
-                rows.append(RegionResult(text, inp.masks[i], float(inp.scores[i]), ids))
+            if inp is not None:
+                masks, scores = np.asarray(inp.masks), np.asarray(inp.scores)
+                for i in range(len(scores)):
+                    text, ids = next(texts)
+                    rows.append(RegionResult(text, masks[i], float(scores[i]), ids))
             out.append(rows)
         return out
 
@@ -298,7 +307,7 @@ class PAMPredictor:
         n = visual.shape[0]
         lay = assembly.layout([before] * n, [after] * n, visual.shape[1], pad_side="right")
         embeds = _embed(
-            self._llm_graphdef, self._llm_state, jnp.asarray(lay.text_ids), visual,
+            self._llm.structure, self._llm.leaves, jnp.asarray(lay.text_ids), visual,
             jnp.asarray(lay.visual_index), jnp.asarray(lay.is_visual), jnp.asarray(lay.mask),
         )  # fmt: skip
         return LLMInputs(embeds, np.asarray(lay.lengths), visual, before, after)
@@ -407,10 +416,10 @@ def _encode_memory_f32(model, vision, low, obj, binarize: bool) -> jax.Array:
     return feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
 
-@partial(jax.jit, static_argnames=("graphdef", "is_cond", "video_hw"))
+@partial(jax.jit, static_argnames=("structure", "is_cond", "video_hw"))
 def _video_step(
-    graphdef, state, bank, image, coords, labels, valid, frame_idx, num_frames, mask_in=None, *,
-    is_cond: bool, video_hw: tuple[int, int],
+    structure, leaves, bank, image_u8, coords, labels, valid, frame_idx, num_frames,
+    mask_in=None, *, is_cond: bool, video_hw: tuple[int, int],
 ):  # fmt: skip
     """One frame of PAM's SAM 2 tracking (one object): the official `track_step` as PAM's fork
     runs it (`multimask_output_in_sam: False`, the mask is always the single-mask token's) plus
@@ -422,9 +431,9 @@ def _video_step(
     from pam_jax.sam2.model import NO_OBJ_SCORE
     from pam_jax.sam2.tracker import encode_memory, frame_features
 
-    sam2 = nnx.merge(graphdef, state)
+    sam2 = merge(structure, leaves)
     cfg = sam2.config
-    feats = frame_features(sam2, image[None])
+    feats = frame_features(sam2, normalize_device(image_u8)[None])
     _, h, w, c = feats.vision.shape
     dense = has = None
     if is_cond and mask_in is not None:
@@ -515,15 +524,13 @@ def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> Vi
     n = len(pre)
     chosen = assembly.select_frames(n, self.model.config.num_frames)
     wanted = set(chosen.tolist())
-    sam2 = self.model.sam2
-    gd, st = nnx.split(sam2)
-    bank = _video_bank(sam2.config)
+    bank = _video_bank(self.model.sam2.config)
     masks, scores, taps = [], [], {}
     for f, (img, _, _) in enumerate(pre):  # tracking is sequential: one jitted step per frame
         cond = f == 0
         c, lab, v = (coords, labels, valid) if cond else (none_c, none_l, none_v)
         bank, m, s, emb, tok = _video_step(
-            gd, st, bank, jnp.asarray(normalize(img)), c, lab, v, np.int32(f), np.int32(n),
+            self._sam2.structure, self._sam2.leaves, bank, img, c, lab, v, np.int32(f), np.int32(n),
             mask_in if cond else None, is_cond=cond, video_hw=(h, w),
         )  # fmt: skip
         masks.append(np.asarray(m))
@@ -532,11 +539,11 @@ def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> Vi
             taps[f] = (emb, tok)
     embeds = jnp.stack([taps[int(f)][0] for f in chosen])
     tokens = jnp.stack([taps[int(f)][1] for f in chosen])
-    visual = _video_visual(self._parts_graphdef, self._parts_state, embeds, tokens)[None]
+    visual = _video_visual(self._parts.structure, self._parts.leaves, embeds, tokens)[None]
     llm_in = self.llm_inputs(visual, task, lang, history)
     return VideoInputs(llm_in, np.stack(masks), np.asarray(scores), chosen)
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _video_visual(graphdef, state, embeds, tokens):
-    return nnx.merge(graphdef, state).video_visual_embeds(embeds, tokens)
+@partial(jax.jit, static_argnames=("structure",))
+def _video_visual(structure, leaves, embeds, tokens):
+    return merge(structure, leaves).video_visual_embeds(embeds, tokens)

@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from pam_jax.prepared import merge, prepare
 from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.model import SAM2Base
 from pam_jax.sam2.ops import resize_bilinear
@@ -65,19 +65,19 @@ def preprocess(image: jax.Array, image_size: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# jitted kernels over (graphdef, state): the module graph is split once, not traversed per call.
+# jitted kernels over a prepared model (pam_jax.prepared): split and hashed once, not per call.
 
 
 @partial(jax.jit, static_argnums=(0, 2))
-def _encode(graphdef, state, image_size: int, image: jax.Array) -> dict[str, Any]:
-    model = nnx.merge(graphdef, state)
+def _encode(structure, leaves, image_size: int, image: jax.Array) -> dict[str, Any]:
+    model = merge(structure, leaves)
     return model.image_features(preprocess(image, image_size))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "multimask_output", "return_logits", "orig_hw"))
+@partial(jax.jit, static_argnames=("structure", "multimask_output", "return_logits", "orig_hw"))
 def _decode(
-    graphdef,
-    state,
+    structure,
+    leaves,
     image_embed,
     high_res_feats,
     coords,
@@ -91,7 +91,7 @@ def _decode(
     return_logits: bool,
     orig_hw: tuple[int, int],
 ):
-    model = nnx.merge(graphdef, state)
+    model = merge(structure, leaves)
     out = model.decode_prompts(
         image_embed, high_res_feats, coords, labels, token_valid, mask_inputs, has_mask,
         multimask_output=multimask_output,
@@ -107,15 +107,15 @@ def _decode(
 class SAM2ImagePredictor:
     """Official-compatible image predictor over a pam-jax `SAM2Base`.
 
-    The model's parameters are captured (nnx.split) when the predictor is built; build a new
-    predictor after changing them.
+    The model's parameters are captured (`pam_jax.prepared.prepare`) when the predictor is
+    built; build a new predictor after changing them.
     """
 
     def __init__(self, model: SAM2Base, mask_threshold: float = 0.0):
         self.model = model
         self.mask_threshold = float(mask_threshold)
         self.image_size = model.image_size
-        self._graphdef, self._state = nnx.split(model)
+        self._prep = prepare(model)
         self.reset_predictor()
 
     # -- image ------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class SAM2ImagePredictor:
         """Compute the image embedding of an RGB uint8 image [H, W, 3] (or a PIL image) once."""
         image = _as_uint8_rgb(image)
         self.reset_predictor()
-        self._features = _encode(self._graphdef, self._state, self.image_size, image)
+        self._features = _encode(self._prep.structure, self._prep.leaves, self.image_size, image)
         self._orig_hw = (int(image.shape[0]), int(image.shape[1]))
 
     @property
@@ -211,7 +211,7 @@ class SAM2ImagePredictor:
             point_coords, point_labels, boxes, mask_inputs, normalize_coords
         )
         out = _decode(
-            self._graphdef, self._state, self._features["image_embed"],
+            self._prep.structure, self._prep.leaves, self._features["image_embed"],
             self._features["high_res_feats"], coords, labels, valid, masks, has_mask,
             jnp.float32(self.mask_threshold), multimask_output=bool(multimask_output),
             return_logits=bool(return_logits), orig_hw=self._orig_hw,

@@ -45,8 +45,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from pam_jax.prepared import merge, prepare
 from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.memory import MemoryBank, init_memory_bank, insert_memory
 from pam_jax.sam2.model import NO_OBJ_SCORE, SAM2Base
@@ -72,12 +72,12 @@ from pam_jax.sam2.video_io import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# jitted kernels over (graphdef, state)
+# jitted kernels over a prepared model (pam_jax.prepared: split and hashed once)
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _features(graphdef, state, image_u8: jax.Array) -> FrameFeatures:
-    return frame_features(nnx.merge(graphdef, state), normalize_device(image_u8)[None])
+def _features(structure, leaves, image_u8: jax.Array) -> FrameFeatures:
+    return frame_features(merge(structure, leaves), normalize_device(image_u8)[None])
 
 
 def _bank_from_parts(parts: dict[str, Any]) -> MemoryBank:
@@ -106,12 +106,12 @@ def _bank_from_parts(parts: dict[str, Any]) -> MemoryBank:
     )
 
 
-@partial(jax.jit, static_argnames=("graphdef", "encode"))
+@partial(jax.jit, static_argnames=("structure", "encode"))
 def _step(
-    graphdef, state, feats, mode, multimask, coords, labels, valid, parts, frame_idx,
+    structure, leaves, feats, mode, multimask, coords, labels, valid, parts, frame_idx,
     num_frames, reverse, mask_inputs, prev_logits, has_prev, *, encode: bool,
 ) -> StepOutput:  # fmt: skip
-    model = nnx.merge(graphdef, state)
+    model = merge(structure, leaves)
     bank = _bank_from_parts(parts) if parts is not None else None
     return track_step(
         model, feats, mode, multimask, coords, labels, valid, bank, frame_idx, num_frames,
@@ -119,12 +119,12 @@ def _step(
     )  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("graphdef", "video_hw"))
+@partial(jax.jit, static_argnames=("structure", "video_hw"))
 def _propagate_step(
-    graphdef, state, image_u8, parts, frame_idx, num_frames, reverse, *, video_hw
+    structure, leaves, image_u8, parts, frame_idx, num_frames, reverse, *, video_hw
 ) -> tuple[StepOutput, jax.Array]:
     """Backbone + memory-conditioned tracking of all objects + video-res masks, one call."""
-    model = nnx.merge(graphdef, state)
+    model = merge(structure, leaves)
     feats = frame_features(model, normalize_device(image_u8)[None])
     bank = _bank_from_parts(parts)
     b = parts["cond_frames"].shape[0]
@@ -140,8 +140,8 @@ def _propagate_step(
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _encode_memory(graphdef, state, vision, pred_masks, scores, binarize) -> jax.Array:
-    return encode_memory(nnx.merge(graphdef, state), vision, pred_masks, scores, binarize)
+def _encode_memory(structure, leaves, vision, pred_masks, scores, binarize) -> jax.Array:
+    return encode_memory(merge(structure, leaves), vision, pred_masks, scores, binarize)
 
 
 @partial(jax.jit, static_argnames=("video_hw",))
@@ -208,7 +208,7 @@ class SAM2VideoPredictor:
         self.model = model
         self.config = model.config
         self.image_size = model.image_size
-        self._graphdef, self._state = nnx.split(model)
+        self._prep = prepare(model)
         cfg = self.config
         self.num_recent = cfg.num_maskmem - 1
         self.num_ptrs = cfg.max_obj_ptrs_in_encoder - 1
@@ -258,7 +258,8 @@ class SAM2VideoPredictor:
     def _features(self, state: InferenceState, frame_idx: int) -> FrameFeatures:
         feats = state.cached_features.get(frame_idx)
         if feats is None:
-            feats = _features(self._graphdef, self._state, state.images.frames_u8[frame_idx])
+            p = self._prep
+            feats = _features(p.structure, p.leaves, state.images.frames_u8[frame_idx])
             state.cached_features = {frame_idx: feats}  # the most recent frame, as official
         return feats
 
@@ -430,7 +431,7 @@ class SAM2VideoPredictor:
             prev_logits = jnp.clip(prev.pred_masks, -32.0, 32.0).reshape(1, lr, lr, 1)
         parts = None if is_init else self._bank_parts(state, [o], f, reverse)
         out = _step(
-            self._graphdef, self._state, feats,
+            self._prep.structure, self._prep.leaves, feats,
             np.array([POINTS if is_init else CORRECT], np.int32), np.array([len(labs) <= 1]),
             coords, lab_rows, valid, parts, np.int32(f), np.int32(state.num_frames),
             np.bool_(reverse), None, prev_logits, has_prev, encode=False,
@@ -461,7 +462,8 @@ class SAM2VideoPredictor:
         feats = self._features(state, f)
         coords, labs, valid = point_rows([None], 1)
         out = _step(
-            self._graphdef, self._state, feats, np.array([MASK], np.int32), np.array([False]),
+            self._prep.structure, self._prep.leaves, feats, np.array([MASK], np.int32),
+            np.array([False]),
             coords, labs, valid, None, np.int32(f), np.int32(state.num_frames), np.bool_(False),
             jnp.asarray(m)[None, :, :, None], None, None, encode=False,
         )  # fmt: skip
@@ -493,8 +495,8 @@ class SAM2VideoPredictor:
                     if out.mem is None:
                         feats = self._features(state, f)
                         out.mem = _encode_memory(
-                            self._graphdef, self._state, feats.vision, out.pred_masks[None],
-                            out.score[None], np.array([True]),
+                            self._prep.structure, self._prep.leaves, feats.vision,
+                            out.pred_masks[None], out.score[None], np.array([True]),
                         )[0]  # fmt: skip
                     if key == "cond":
                         state.cond[o][f] = out
@@ -566,7 +568,7 @@ class SAM2VideoPredictor:
             else:
                 parts = self._bank_parts(state, all_objs, f, reverse)
                 out, video = _propagate_step(
-                    self._graphdef, self._state, state.images.frames_u8[f], parts,
+                    self._prep.structure, self._prep.leaves, state.images.frames_u8[f], parts,
                     np.int32(f), np.int32(num_frames), np.bool_(reverse), video_hw=hw,
                 )  # fmt: skip
                 state.non_cond[f] = _NonCond(
@@ -603,11 +605,11 @@ class SAM2VideoPredictor:
 
 
 def _stream_step_fn(
-    graphdef, state, bank, image_u8, mode, multimask, coords, labels, valid, mask_inputs,
+    structure, leaves, bank, image_u8, mode, multimask, coords, labels, valid, mask_inputs,
     frame_idx, num_frames, *, video_hw, counter,
 ):  # fmt: skip
     counter[0] += 1  # runs at trace time only: counts compilations
-    model = nnx.merge(graphdef, state)
+    model = merge(structure, leaves)
     feats = frame_features(model, normalize_device(image_u8)[None])
     out = track_step(
         model, feats, mode, multimask, coords, labels, valid, bank, frame_idx, num_frames,
@@ -653,7 +655,7 @@ class StreamingTracker:
         self.max_objects = int(max_objects)
         self.max_points = int(max_points)
         self.num_frames = num_frames
-        self._graphdef, self._state = nnx.split(model)
+        self._prep = prepare(model)
         self.bank = init_memory_bank(self.config, self.max_objects, num_cond=num_cond)
         self.obj_ids: list[Any] = []
         self.frame_idx = 0
@@ -664,7 +666,7 @@ class StreamingTracker:
         donate = ("bank",) if jax.default_backend() != "cpu" else ()
         self._jit = jax.jit(
             partial(_stream_step_fn, counter=self.compilations),
-            static_argnames=("graphdef", "video_hw"),
+            static_argnames=("structure", "video_hw"),
             donate_argnames=donate,
         )
 
@@ -739,7 +741,7 @@ class StreamingTracker:
         mode, multimask, coords, labels, valid, masks = self._prompt_arrays(h, w)
         nf = self.num_frames if self.num_frames is not None else 2**30
         self.bank, video, scores = self._jit(
-            self._graphdef, self._state, self.bank, img, mode,
+            self._prep.structure, self._prep.leaves, self.bank, img, mode,
             multimask, coords, labels, valid, masks, np.int32(self.frame_idx), np.int32(nf),
             video_hw=self.video_hw,
         )  # fmt: skip
