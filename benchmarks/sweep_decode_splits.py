@@ -62,8 +62,9 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001  (a setting the kernel rejects)
                 print(f"batch {b} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            print(f"batch {b} splits {name}: {(tn - t1) / 127 * 1e3:.3f} ms/step "
-                  f"(generate {tn * 1e3:.1f} ms, prefill {t1 * 1e3:.1f} ms)", flush=True)  # fmt: skip
+            step = (tn - t1) / 127 * 1e3
+            print(f"batch {b} splits {name}: {step:.3f} ms/step (generate {tn * 1e3:.1f} ms, "
+                  f"prefill {t1 * 1e3:.1f} ms)", flush=True)  # fmt: skip
         qwen2._decode_splits = auto
         jax.clear_caches()
     return 0
