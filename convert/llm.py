@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from pam_jax.convert.torch_nnx import short_list
 
 from pam_jax.checkpoint import FORMAT, WEIGHTS_FILE, CheckpointError
 from pam_jax.llm.config import Qwen2Config
@@ -41,16 +43,65 @@ from pam_jax.llm.weights import (
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _out_dtype(name: str | None):
+def out_dtype(name: str | None) -> np.dtype | None:
+    """--dtype: None / "keep" (the source's), "float32", "bfloat16" or "float16"."""
     import ml_dtypes
 
     if name in (None, "keep"):
         return None
-    return {
-        "float32": np.dtype(np.float32),
-        "bfloat16": np.dtype(ml_dtypes.bfloat16),
-        "float16": np.dtype(np.float16),
-    }[name]
+    table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+    if name not in table:
+        raise CheckpointError(f"unknown dtype {name!r}; expected keep/float32/bfloat16/float16")
+    return np.dtype(table[name])
+
+
+def read_hf_config(directory: Path, what: str) -> dict:
+    """The config.json of an HF-layout directory; `what` names the expected kind in errors."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory (expected {what})")
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{directory} has no config.json (expected {what})")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def check_llm_tensors(
+    cfg: Qwen2Config, keys: list[str], shape_of: Callable[[str], tuple], label: str = ""
+) -> tuple[dict[str, tuple[str, bool, tuple]], list[str]]:
+    """HF tensor names `keys` against the Qwen2 key table of `cfg`.
+
+    Returns ({HF key: (pam-jax key, transposed, pam-jax shape)}, error strings listing every
+    unknown, missing and misshapen tensor). RoPE buffers and a tied `lm_head.weight` are
+    skipped. `label` prefixes the kind in the messages (e.g. "LLM ").
+    """
+    by_hf = {}
+    for k, shape in expected_params(cfg).items():
+        hk, t = hf_key(k)
+        by_hf[hk] = (k, t, shape)
+    present, unknown, bad = set(), [], []
+    for hk in keys:
+        if hk.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and hk == "lm_head.weight"):
+            continue
+        if hk not in by_hf:
+            unknown.append(hk)
+            continue
+        present.add(hk)
+        _, t, shape = by_hf[hk]
+        got = tuple(shape_of(hk))
+        if (got[::-1] if t else got) != shape:
+            bad.append(f"{hk}: {got} (config.json implies {shape[::-1] if t else shape})")
+    missing = sorted(set(by_hf) - present)
+    errors = []
+    if missing:
+        errors.append(f"{len(missing)} missing {label}tensors: {short_list(missing)}")
+    if unknown:
+        errors.append(f"{len(unknown)} unknown {label}tensors: {short_list(sorted(unknown))}")
+    if bad:
+        errors.append(f"{len(bad)} {label}shapes that do not match config.json: {short_list(bad)}")
+    return by_hf, errors
 
 
 def convert_llm(
@@ -59,45 +110,15 @@ def convert_llm(
     """Convert an HF Qwen2 directory. `dtype`: None/"keep" (source dtype), "float32",
     "bfloat16" or "float16". Raises CheckpointError on anything that does not fit."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir} is not a directory")
-    cfg_file = hf_dir / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{hf_dir} has no config.json (expected an HF model directory)")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    hf_cfg = read_hf_config(hf_dir, "an HF model directory")
     cfg = Qwen2Config.from_hf(hf_cfg)
     src = TensorSource.from_dir(hf_dir)
     want = expected_params(cfg)  # pam-jax key -> shape
-    by_hf = {}
-    for k, shape in want.items():
-        hk, t = hf_key(k)
-        by_hf[hk] = (k, t, shape)
-    unknown, bad = [], []
-    for hk in src.keys():
-        if hk.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and hk == "lm_head.weight"):
-            continue
-        if hk not in by_hf:
-            unknown.append(hk)
-            continue
-        k, t, shape = by_hf[hk]
-        got = src.shape(hk)
-        if (got[::-1] if t else got) != shape:
-            bad.append(f"{hk}: {got} (config expects {shape[::-1] if t else shape})")
-    missing = sorted(set(by_hf) - set(src.keys()))
-    errors = []
-    if missing:
-        errors.append(f"{len(missing)} missing tensors: {missing[:10]}")
-    if unknown:
-        errors.append(f"{len(unknown)} unknown tensors: {unknown[:10]}")
-    if bad:
-        errors.append(f"{len(bad)} shapes that do not match config.json: {bad[:10]}")
+    by_hf, errors = check_llm_tensors(cfg, list(src.keys()), src.shape)
     if errors:
         raise CheckpointError(f"{hf_dir} does not match its config: " + "; ".join(errors))
 
-    out_dt = _out_dtype(dtype)
+    out_dt = out_dtype(dtype)
     to_hf = {k: hk for hk, (k, _, _) in by_hf.items()}
     transposed = {k: t for _, (k, t, _) in by_hf.items()}
 
@@ -131,7 +152,7 @@ def export_hf(
             f"{f} does not match its config: keys differ "
             f"({sorted(set(src.keys()) ^ set(want))[:10]})"
         )
-    out_dt = _out_dtype(dtype)
+    out_dt = out_dtype(dtype)
     entries, to_ours = [], {}
     for k, shape in want.items():
         hk, t = hf_key(k)

@@ -26,18 +26,19 @@ Everything is validated before anything is written. LLM tensors are streamed one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from pam_jax.convert.llm import check_llm_tensors, out_dtype, read_hf_config
+from pam_jax.convert.torch_nnx import short_list
 
 from pam_jax.checkpoint import FORMAT, CheckpointError, save_model_dir
 from pam_jax.llm.io import KIND as LLM_KIND
 from pam_jax.llm.io import copy_tokenizer_files, write_config
-from pam_jax.llm.weights import TensorSource, expected_params, hf_key, write_safetensors
+from pam_jax.llm.weights import TensorSource, expected_params, write_safetensors
 from pam_jax.pam.config import PAMConfig
 
 KIND = "pam"
@@ -68,31 +69,8 @@ def classify(key: str) -> str:
     return "unknown"
 
 
-def _short(xs: list[str], n: int = 20) -> str:
-    return ", ".join(xs[:n]) + (f" ... (+{len(xs) - n} more)" if len(xs) > n else "")
-
-
-def _out_dtype(name: str | None):
-    import ml_dtypes
-
-    if name in (None, "keep"):
-        return None
-    table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-    if name not in table:
-        raise CheckpointError(f"unknown dtype {name!r}; expected keep/float32/bfloat16/float16")
-    return np.dtype(table[name])
-
-
 def _read_release(pam_dir: Path) -> tuple[dict, TensorSource]:
-    if not pam_dir.is_dir():
-        raise CheckpointError(f"{pam_dir} is not a directory (expected a PAM release directory)")
-    cfg_file = pam_dir / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{pam_dir} has no config.json (expected a PAM release directory)")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    hf_cfg = read_hf_config(pam_dir, "a PAM release directory")
     try:
         src = TensorSource.from_dir(pam_dir)
     except CheckpointError as e:
@@ -142,31 +120,13 @@ def convert_pam(
         groups[classify(k)].append(k)
     errors = []
     if groups["unknown"]:
-        errors.append(f"{len(groups['unknown'])} unknown keys: {_short(sorted(groups['unknown']))}")
+        unknown = sorted(groups["unknown"])
+        errors.append(f"{len(unknown)} unknown keys: {short_list(unknown)}")
 
     # LLM: the pam-jax Qwen2 key table; tied embeddings -> lm_head.weight absent (or dropped)
     want = expected_params(cfg.llm)
-    by_hf = {}
-    for k, shape in want.items():
-        hk, t = hf_key(k)
-        by_hf[hk] = (k, t, shape)
-    llm_keys = [
-        k for k in groups["llm"] if not (cfg.llm.tie_word_embeddings and k == "lm_head.weight")
-    ]
-    bad = []
-    for hk in llm_keys:
-        if hk not in by_hf:
-            errors.append(f"unknown LLM key {hk}")
-            continue
-        _, t, shape = by_hf[hk]
-        got = src.shape(hk)
-        if (got[::-1] if t else got) != shape:
-            bad.append(f"{hk}: {got}, config.json implies {shape[::-1] if t else shape}")
-    missing = sorted(set(by_hf) - set(llm_keys))
-    if missing:
-        errors.append(f"{len(missing)} missing LLM keys: {_short(missing)}")
-    if bad:
-        errors.append(f"{len(bad)} LLM shapes that do not match config.json: {_short(bad)}")
+    by_hf, llm_errors = check_llm_tensors(cfg.llm, groups["llm"], src.shape, "LLM ")
+    errors += llm_errors
 
     # PAM parts: the generic torch -> NNX mapping against PAMParts (strict on keys and shapes)
     abstract = nnx.eval_shape(lambda: PAMParts(cfg, rngs=nnx.Rngs(0)))
@@ -202,7 +162,7 @@ def convert_pam(
 
     llm_out = out / LLM_SUBDIR
     llm_out.mkdir(parents=True, exist_ok=True)
-    out_dt = _out_dtype(dtype)
+    out_dt = out_dtype(dtype)
     to_hf = {k: (hk, t) for hk, (k, t, _) in by_hf.items()}
 
     def produce(k):
@@ -232,7 +192,7 @@ def convert_pam(
     )  # fmt: skip
     if groups["ignored"]:
         log(f"ignored {len(groups['ignored'])} tensors of the PAM files "
-            f"({_short(sorted({_prefix(k) for k in groups['ignored']}), 5)}): SAM 2 comes "
+            f"({short_list(sorted({_prefix(k) for k in groups['ignored']}), 5)}): SAM 2 comes "
             f"from {os.path.basename(str(sam2_ckpt))}, as in the release's loader")  # fmt: skip
     return out
 

@@ -88,11 +88,11 @@ def torch_to_nnx_params(
     missing = sorted(set(targets) - seen)
     errors = []
     if unknown:
-        errors.append(f"{len(unknown)} unknown keys: {_short(unknown)}")
+        errors.append(f"{len(unknown)} unknown keys: {short_list(unknown)}")
     if missing:
-        errors.append(f"{len(missing)} missing keys: {_short(missing)}")
+        errors.append(f"{len(missing)} missing keys: {short_list(missing)}")
     if bad:
-        errors.append(f"{len(bad)} wrong shapes: {_short(bad)}")
+        errors.append(f"{len(bad)} wrong shapes: {short_list(bad)}")
     if errors:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(errors))
     return out
@@ -109,5 +109,6 @@ def nnx_to_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def _short(xs: list[str], n: int = 25) -> str:
+def short_list(xs: list[str], n: int = 25) -> str:
+    """The first n items, comma-separated, and how many more (for error messages)."""
     return ", ".join(xs[:n]) + (f" ... (+{len(xs) - n})" if len(xs) > n else "")

@@ -21,7 +21,9 @@ What is reproduced (see `sam2_video_predictor.py` / `sam2_base.py` of sam2 1.1.0
   memories (stride 1) and <= 16 object pointers (conditioning ones only from the past in
   tracking direction); `t_diff_max = min(num_frames, 16) - 1`; memory features are stored in
   bfloat16; masks are upsampled bilinearly to video resolution;
-- forward and reverse propagation, `start_frame_idx`, `max_frame_num_to_track`.
+- forward and reverse propagation, `start_frame_idx`, `max_frame_num_to_track`;
+- `clear_all_prompts_in_frame` (a conditioning output becomes a non-conditioning memory) and
+  `remove_object` (the remaining objects keep their outputs and memories).
 
 Not applied: `fill_hole_area` (hole filling needs the official CUDA extension `sam2._C`; the
 official CPU build skips it with a warning, so results here equal the official CPU results),
@@ -479,6 +481,75 @@ class SAM2VideoPredictor:
             rows.append(out.pred_masks if out is not None else jnp.full((lr, lr), NO_OBJ_SCORE))
         hw = (state.video_height, state.video_width)
         return np.asarray(_video_res(jnp.stack(rows), video_hw=hw))
+
+    # -- removing prompts and objects -------------------------------------------------------------
+
+    def clear_all_prompts_in_frame(
+        self, state: InferenceState, frame_idx: int, obj_id: Any, need_output: bool = True
+    ) -> tuple[int, list[Any], np.ndarray] | None:
+        """Official `clear_all_prompts_in_frame`: drop `obj_id`'s points / mask on this frame.
+        A conditioning output there becomes a non-conditioning one (it stays in memory, as
+        official). Returns (frame_idx, obj_ids, video-res logits [O, H, W]) unless
+        `need_output` is False. Unlike official, an unknown `obj_id` is an error (official
+        would register it as a new object)."""
+        f = self._check_frame(state, frame_idx)
+        o = state.obj_id_to_idx.get(obj_id)
+        if o is None:
+            raise ValueError(f"unknown object id {obj_id!r}; the objects are {state.obj_ids}")
+        state.point_inputs[o].pop(f, None)
+        state.mask_inputs[o].pop(f, None)
+        state.temp[o]["cond"].pop(f, None)
+        state.temp[o]["non_cond"].pop(f, None)
+        out = state.cond[o].pop(f, None)
+        if out is not None:  # downgraded: frames tracked from it keep reading its memory
+            self._set_non_cond_row(state, f, o, out)
+            state.frames_tracked[o].pop(f, None)
+        if not need_output:
+            return None
+        return f, list(state.obj_ids), self._consolidated(state, f, self._temp_key(state, f))
+
+    def remove_object(
+        self, state: InferenceState, obj_id: Any, strict: bool = False, need_output: bool = True
+    ) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
+        """Official `remove_object`: forget `obj_id` (its prompts, outputs and memories).
+        Returns (remaining obj_ids, [(frame_idx, video-res logits [O, H, W])] for the frames
+        where it had prompts, which may now show other objects it occluded). Removing the last
+        object resets the state. An unknown id returns unchanged, or raises with `strict`."""
+        o = state.obj_id_to_idx.get(obj_id)
+        if o is None:
+            if strict:
+                raise ValueError(
+                    f"cannot remove object id {obj_id!r}: the objects are {state.obj_ids}"
+                )
+            return list(state.obj_ids), []
+        if len(state.obj_ids) == 1:
+            self.reset_state(state)
+            return [], []
+        frames = sorted(set(state.point_inputs[o]) | set(state.mask_inputs[o]))
+        for f in frames:  # first, as official: this may downgrade conditioning frames
+            self.clear_all_prompts_in_frame(state, f, obj_id, need_output=False)
+        state.obj_ids = [i for i in state.obj_ids if i != obj_id]
+        state.obj_id_to_idx = {i: k for k, i in enumerate(state.obj_ids)}
+        for per_obj in (state.point_inputs, state.mask_inputs, state.cond, state.temp,
+                        state.frames_tracked):  # fmt: skip
+            del per_obj[o]
+        for f, nc in list(state.non_cond.items()):
+            if o < len(nc.valid):  # rows exist only for objects added before f was tracked
+                keep = np.arange(len(nc.valid)) != o
+                state.non_cond[f] = _NonCond(
+                    nc.pred_masks[keep], nc.obj_ptr[keep], nc.score[keep], nc.mem[keep],
+                    nc.valid[keep],
+                )  # fmt: skip
+        state.cond_cache.clear()  # keyed by object index
+        if not need_output:
+            return list(state.obj_ids), []
+        updated = [(f, self._consolidated(state, f, self._temp_key(state, f))) for f in frames]
+        return list(state.obj_ids), updated
+
+    @staticmethod
+    def _temp_key(state: InferenceState, f: int) -> str:
+        """Which temporary outputs the consolidated frame reads (official `is_cond`)."""
+        return "cond" if any(f in t["cond"] for t in state.temp) else "non_cond"
 
     # -- propagation ----------------------------------------------------------------------------
 

@@ -138,6 +138,32 @@ def scenario_b(p, state, official: bool) -> dict:
     return outs
 
 
+def scenario_c(p, state, official: bool) -> dict:
+    """Removing prompts and objects: three objects (obj 1 prompted on frames 0 and 2, obj 2 on
+    frame 0, obj 3 on frame 1), forward propagation; obj 1's prompts on frame 2 cleared (that
+    conditioning output becomes a non-conditioning memory), propagation again; obj 2 removed
+    (the frames it was prompted on are returned), propagation again."""
+    outs = {}
+    outs["p0"] = p.add_new_points_or_box(state, 0, 1, box=[30, 15, 70, 60])
+    outs["p1"] = p.add_new_points_or_box(state, 2, 1, points=[[50, 40]], labels=[1])
+    outs["p2"] = p.add_new_points_or_box(state, 0, 2, points=[[110, 80]], labels=[1])
+    outs["p3"] = p.add_new_points_or_box(state, 1, 3, box=[5, 90, 40, 118])
+    for f, ids, m in p.propagate_in_video(state):
+        outs[("fwd", f)] = (f, ids, m)
+    outs["clear"] = p.clear_all_prompts_in_frame(state, 2, 1)
+    for f, ids, m in p.propagate_in_video(state):
+        outs[("fwd2", f)] = (f, ids, m)
+    ids, updated = p.remove_object(state, 2)
+    assert list(ids) == [1, 3] and [f for f, _ in updated] == [0]
+    for f, m in updated:
+        outs[("removed", f)] = (f, ids, m)
+    for f, ids, m in p.propagate_in_video(state, start_frame_idx=1, max_frame_num_to_track=4):
+        outs[("fwd3", f)] = (f, ids, m)
+    scores = official_scores if official else p.get_object_scores
+    outs["scores"] = {f: scores(state, f) for f in range(T)}
+    return outs
+
+
 def run_both(version: str, obj_bias: float, scenario, frames) -> tuple[dict, dict]:
     ref, model = build_pair(version, obj_bias)
     with warnings.catch_warnings(), torch.inference_mode():
@@ -170,6 +196,11 @@ def results_a(request, frames):
 @pytest.fixture(scope="module")
 def results_b(frames):
     return run_both("2.1", 3.0, scenario_b, frames)
+
+
+@pytest.fixture(scope="module")
+def results_c(frames):
+    return run_both("2.1", 3.0, scenario_c, frames)
 
 
 def check(want: dict, got: dict, what: str) -> dict:
@@ -225,6 +256,13 @@ def test_parity_reverse_mask_correction(results_b):
     want, got = results_b
     check(want, got, "SAM 2.1 scenario B")
     assert [k[1] for k in want if isinstance(k, tuple) and k[0] == "rev"] == [3, 2, 1, 0]
+
+
+def test_parity_clear_prompts_remove_object(results_c):
+    want, got = results_c
+    check(want, got, "SAM 2.1 scenario C")
+    # the cleared frame is tracked again (non-conditioning for obj 1, still prompted for none)
+    assert ("fwd2", 2) in want and ("removed", 0) in want
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,3 +326,23 @@ def test_bad_prompts(tmp_path, tiny_predictor):
     got = [f for f, _, _ in p.propagate_in_video(state)]
     assert got == [1, 2]
     assert jnp.isfinite(jnp.asarray(masks)).all()
+
+
+def test_remove_and_clear_edge_cases(tmp_path, tiny_predictor):
+    write_frames(tmp_path / "v", n=3)
+    p = tiny_predictor
+    state = p.init_state(tmp_path / "v")
+    p.add_new_points_or_box(state, 0, "a", points=[[5, 5]], labels=[1])
+    with pytest.raises(ValueError, match="unknown object id 'b'"):
+        p.clear_all_prompts_in_frame(state, 0, "b")
+    assert p.remove_object(state, "b") == (["a"], [])  # not strict: nothing happens
+    with pytest.raises(ValueError, match="cannot remove object id 'b'"):
+        p.remove_object(state, "b", strict=True)
+    # clearing the only prompt leaves an object with no input: propagation refuses it
+    f, ids, masks = p.clear_all_prompts_in_frame(state, 0, "a")
+    assert (f, ids) == (0, ["a"]) and masks.shape == (1, H, W)
+    with pytest.raises(ValueError, match="no input points or masks are provided for object"):
+        next(p.propagate_in_video(state))
+    # removing the last object resets the state
+    assert p.remove_object(state, "a") == ([], [])
+    assert state.obj_ids == [] and state.point_inputs == [] and state.non_cond == {}
