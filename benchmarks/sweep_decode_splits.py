@@ -1,21 +1,35 @@
-"""Sweep the Pallas decode kernel's (k_splits, block_k) at PAM's LLM shapes (GPU only).
+"""Sweep the decode attention at PAM's LLM shapes (GPU only): the Pallas kernel's
+(k_splits, block_k), warps and stages, and XLA's own attention.
 
-    python benchmarks/sweep_decode_splits.py
+    python benchmarks/sweep_decode_splits.py [--batches 1,32]
 
 Qwen2.5-3B with random bf16 weights, 1085 input embeddings (PAM's image prompt, bucketed to
-1088 by `pam_jax.pam.predictor.LLM_BUCKETS`, so a 1280-slot cache with 128 new tokens), batch 1
-and 32. Every setting generates the same 128 tokens; prefill does not depend on the setting, so
-per-step time = (generate(128) - generate(1)) / 127. `qwen2._decode_splits` is patched per
-setting (it is read at trace time; caches are cleared in between).
+1088 by `pam_jax.pam.predictor.LLM_BUCKETS`, so a 1280-slot cache with 128 new tokens). Every
+setting generates the same 128 tokens; prefill does not depend on the setting, so per-step time
+= (generate(128) - generate(1)) / 127. The settings are patched in (`qwen2._decode_splits`,
+`qwen2._use_pallas`, the Pallas `gqa` keywords; all read at trace time, caches cleared between).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import time
 
 import numpy as np
 
-SETTINGS = [None, (16, 16), (8, 32), (4, 64), (2, 128), (10, 128), (5, 256)]
+# (name, (k_splits, block_k) or None for the default rule, gqa keywords, XLA attention)
+SETTINGS = [
+    ("default", None, {}, False),
+    ("16 x 16", (16, 16), {}, False),
+    ("4 x 64", (4, 64), {}, False),
+    ("2 x 128", (2, 128), {}, False),
+    ("5 x 128, 3 stages", (5, 128), {"num_stages": 3}, False),
+    ("default, 8 warps", None, {"num_warps": 8}, False),
+    ("default, 1 stage", None, {"num_stages": 1}, False),
+    ("20 x 64, 2 warps", (20, 64), {"num_warps": 2}, False),
+    ("XLA attention", None, {}, True),
+]
 
 
 def _median(fn, reps: int = 3) -> float:
@@ -27,10 +41,15 @@ def _median(fn, reps: int = 3) -> float:
     return float(np.median(ts))
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", default="1,32")
+    args = ap.parse_args(argv)
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
 
     import pam_jax  # noqa: F401  (flax config)
     from pam_jax.llm import config as C
@@ -42,9 +61,9 @@ def main() -> int:
     model = prepare(
         qwen2.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     )
-    auto = qwen2._decode_splits
-    print(f"{jax.devices()[0].device_kind}; default for 1280 slots: {auto(1280)}", flush=True)
-    for b in (1, 32):
+    auto_splits, auto_use, gqa = qwen2._decode_splits, qwen2._use_pallas, da.gqa
+    print(f"{jax.devices()[0].device_kind}; default for 1280 slots: {auto_splits(1280)}")
+    for b in (int(x) for x in args.batches.split(",")):
         emb = jax.random.normal(jax.random.key(0), (b, 1085, cfg.hidden_size), jnp.bfloat16)
 
         def run(n, emb=emb):
@@ -52,10 +71,11 @@ def main() -> int:
 
         run(1)
         t1 = _median(lambda: run(1))
-        for setting in SETTINGS:
-            qwen2._decode_splits = auto if setting is None else (lambda s, st=setting: st)
+        for name, splits, kw, xla in SETTINGS:
+            qwen2._decode_splits = auto_splits if splits is None else (lambda s, st=splits: st)
+            qwen2._use_pallas = (lambda impl, n: False) if xla else auto_use
+            da.gqa = functools.partial(gqa, **kw)
             jax.clear_caches()
-            name = f"default {auto(1280)}" if setting is None else str(setting)
             try:
                 run(128)
                 tn = _median(lambda: run(128))
@@ -63,9 +83,9 @@ def main() -> int:
                 print(f"batch {b} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             step = (tn - t1) / 127 * 1e3
-            print(f"batch {b} splits {name}: {step:.3f} ms/step (generate {tn * 1e3:.1f} ms, "
+            print(f"batch {b} {name}: {step:.3f} ms/step (generate {tn * 1e3:.1f} ms, "
                   f"prefill {t1 * 1e3:.1f} ms)", flush=True)  # fmt: skip
-        qwen2._decode_splits = auto
+        qwen2._decode_splits, qwen2._use_pallas, da.gqa = auto_splits, auto_use, gqa
         jax.clear_caches()
     return 0
 

@@ -533,15 +533,16 @@ def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> Vi
             self._sam2.structure, self._sam2.leaves, bank, img, c, lab, v, np.int32(f), np.int32(n),
             mask_in if cond else None, is_cond=cond, video_hw=(h, w),
         )  # fmt: skip
-        masks.append(np.asarray(m))
-        scores.append(float(s))
+        masks.append(m)  # left on the device: the next frame is queued without a host sync
+        scores.append(s)
         if f in wanted:
             taps[f] = (emb, tok)
     embeds = jnp.stack([taps[int(f)][0] for f in chosen])
     tokens = jnp.stack([taps[int(f)][1] for f in chosen])
     visual = _video_visual(self._parts.structure, self._parts.leaves, embeds, tokens)[None]
     llm_in = self.llm_inputs(visual, task, lang, history)
-    return VideoInputs(llm_in, np.stack(masks), np.asarray(scores), chosen)
+    masks = np.stack([np.asarray(m) for m in masks])
+    return VideoInputs(llm_in, masks, np.asarray([float(s) for s in scores]), chosen)
 
 
 @partial(jax.jit, static_argnames=("structure",))
