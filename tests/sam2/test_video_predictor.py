@@ -140,21 +140,23 @@ def scenario_b(p, state, official: bool) -> dict:
 
 def scenario_c(p, state, official: bool) -> dict:
     """Removing prompts and objects: three objects (obj 1 prompted on frames 0 and 2, obj 2 on
-    frame 0, obj 3 on frame 1), forward propagation; obj 1's prompts on frame 2 cleared (that
-    conditioning output becomes a non-conditioning memory), propagation again; obj 2 removed
-    (the frames it was prompted on are returned), propagation again."""
+    frames 0 and 3, obj 3 on frame 0), forward propagation; obj 1's prompts on frame 2 cleared
+    (that conditioning output becomes a non-conditioning memory), propagation again; obj 2
+    removed (the frames it was prompted on are returned), propagation again. (Every object is
+    prompted on frame 0: see scenario B on the official CPU code and missing pointers.)"""
     outs = {}
     outs["p0"] = p.add_new_points_or_box(state, 0, 1, box=[30, 15, 70, 60])
     outs["p1"] = p.add_new_points_or_box(state, 2, 1, points=[[50, 40]], labels=[1])
     outs["p2"] = p.add_new_points_or_box(state, 0, 2, points=[[110, 80]], labels=[1])
-    outs["p3"] = p.add_new_points_or_box(state, 1, 3, box=[5, 90, 40, 118])
+    outs["p3"] = p.add_new_points_or_box(state, 0, 3, box=[5, 90, 40, 118])
+    outs["p4"] = p.add_new_points_or_box(state, 3, 2, points=[[100, 75]], labels=[1])
     for f, ids, m in p.propagate_in_video(state):
         outs[("fwd", f)] = (f, ids, m)
     outs["clear"] = p.clear_all_prompts_in_frame(state, 2, 1)
     for f, ids, m in p.propagate_in_video(state):
         outs[("fwd2", f)] = (f, ids, m)
     ids, updated = p.remove_object(state, 2)
-    assert list(ids) == [1, 3] and [f for f, _ in updated] == [0]
+    assert list(ids) == [1, 3] and [f for f, _ in updated] == [0, 3]
     for f, m in updated:
         outs[("removed", f)] = (f, ids, m)
     for f, ids, m in p.propagate_in_video(state, start_frame_idx=1, max_frame_num_to_track=4):
