@@ -150,7 +150,7 @@ def export_hf(
     if set(src.keys()) != set(want):
         raise CheckpointError(
             f"{f} does not match its config: keys differ "
-            f"({sorted(set(src.keys()) ^ set(want))[:10]})"
+            f"({short_list(sorted(set(src.keys()) ^ set(want)))})"
         )
     out_dt = out_dtype(dtype)
     entries, to_ours = [], {}
