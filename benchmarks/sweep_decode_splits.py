@@ -44,6 +44,7 @@ def _median(fn, reps: int = 3) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--only", default=None, help="run only the setting of this name")
     args = ap.parse_args(argv)
 
     import jax
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
         run(1)
         t1 = _median(lambda: run(1))
         for name, splits, kw, xla in SETTINGS:
+            if args.only is not None and name != args.only:
+                continue
             qwen2._decode_splits = auto_splits if splits is None else (lambda s, st=splits: st)
             qwen2._use_pallas = (lambda impl, n: False) if xla else auto_use
             da.gqa = functools.partial(gqa, **kw)
