@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
     args.new = args.new or (8 if args.tiny else 128)
+    if args.new < 2:
+        ap.error("--new must be >= 2 (the breakdown times one prefill token against the rest)")
     args.regions = args.regions or (4 if args.tiny else 32)
     args.reps = args.reps or (1 if args.tiny else 5)
 

@@ -22,8 +22,11 @@ import numpy as np
 SETTINGS = [
     ("default", None, {}, False),
     ("16 x 16", (16, 16), {}, False),
+    ("8 x 32", (8, 32), {}, False),
     ("4 x 64", (4, 64), {}, False),
     ("2 x 128", (2, 128), {}, False),
+    ("10 x 128", (10, 128), {}, False),
+    ("5 x 256", (5, 256), {}, False),
     ("5 x 128, 3 stages", (5, 128), {"num_stages": 3}, False),
     ("default, 8 warps", None, {"num_warps": 8}, False),
     ("default, 1 stage", None, {"num_stages": 1}, False),

@@ -328,7 +328,8 @@ def generate(
             f"cache length {limit}"
         )
     tb = bucket_length(n, buckets)
-    # the Pallas decode kernel splits the cache into 16 chunks of a multiple of 16 slots
+    # the Pallas decode kernel splits the cache into up to 16 chunks of 128-slot blocks
+    # (qwen2._decode_splits); 256-slot alignment keeps a split count >= 2 available
     impl = cfg.decode_attention
     pallas = impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
     align = 256 if pallas else 8

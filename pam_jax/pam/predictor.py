@@ -3,11 +3,12 @@
 What the release does per region (`notebooks/image_infer_example.ipynb`), reproduced here:
 
 1. the image is PIL-resized to S x S (aspect ratio NOT kept, bicubic), scaled and normalized
-   (`video_io.preprocess_frame` / `normalize`, the SAM 2 video predictor's loader);
+   (`video_io.preprocess_frame`, then `normalize_device` on the device: the SAM 2 video
+   predictor's loader);
 2. the box (x1, y1, x2, y2) becomes two points labelled 2 / 3, followed by any clicks
    (1 positive, 0 negative); coordinates are divided by the original W / H and scaled by S;
    a mask prompt goes through `add_new_mask` / `_use_mask_as_output` (which the release's
-   fork crashes on; see `PAM.image_regions` for the semantics chosen here);
+   fork crashes on; see `pam_jax.pam.model.image_regions` for the semantics chosen here);
 3. SAM 2 (conditioning frame: features + `no_mem_embed`, single-mask decoder) gives the mask
    and the two tapped tensors; the perceiver + projectors give 1042 visual embeddings;
 4. the ChatML prompt with the task instruction is embedded around them and the LLM generates.
@@ -183,8 +184,8 @@ class LLMInputs:
 @dataclasses.dataclass
 class ImageInputs:
     llm: LLMInputs
-    masks: np.ndarray  # [N, H, W] bool
-    scores: np.ndarray  # [N] object score logits
+    masks: np.ndarray  # [N, H, W] bool (a device array on the internal `_image_inputs` path)
+    scores: np.ndarray  # [N] object score logits (likewise)
 
 
 class PAMPredictor:
@@ -426,7 +427,8 @@ def _video_step(
     the two perceiver taps. Frame 0 is the prompted conditioning frame (features +
     `no_mem_embed`); later frames attend the memory bank and get a prompt-less decoder call.
     A mask prompt on frame 0 (mask_in [1, S, S] binary) follows `_use_mask_as_output` as
-    `PAM.image_regions` documents (raw features, dense mask prompt, the mask is the output)."""
+    `pam_jax.pam.model.image_regions` documents (raw features, dense mask prompt, the mask is
+    the output)."""
     from pam_jax.sam2.memory import insert_memory, prepare_memory_conditioned_features
     from pam_jax.sam2.model import NO_OBJ_SCORE
     from pam_jax.sam2.tracker import encode_memory, frame_features
@@ -533,7 +535,9 @@ def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> Vi
             self._sam2.structure, self._sam2.leaves, bank, img, c, lab, v, np.int32(f), np.int32(n),
             mask_in if cond else None, is_cond=cond, video_hw=(h, w),
         )  # fmt: skip
-        masks.append(m)  # left on the device: the next frame is queued without a host sync
+        # left on the device so the next frame is queued without a host sync (bool masks at
+        # video size: about 2 MB per 1080p frame until the loop ends)
+        masks.append(m)
         scores.append(s)
         if f in wanted:
             taps[f] = (emb, tok)

@@ -504,6 +504,7 @@ class SAM2VideoPredictor:
         if out is not None:  # downgraded: frames tracked from it keep reading its memory
             self._set_non_cond_row(state, f, o, out)
             state.frames_tracked[o].pop(f, None)
+            state.cond_cache.clear()  # keyed by id() of the outputs: never reuse a freed one
         if not need_output:
             return None
         return f, list(state.obj_ids), self._consolidated(state, f, self._temp_key(state, f))
@@ -517,8 +518,8 @@ class SAM2VideoPredictor:
         object resets the state. An unknown id returns unchanged, or raises with `strict`."""
         o = state.obj_id_to_idx.get(obj_id)
         if o is None:
-            if strict:
-                raise ValueError(
+            if strict:  # RuntimeError as official, so ported code catches it
+                raise RuntimeError(
                     f"cannot remove object id {obj_id!r}: the objects are {state.obj_ids}"
                 )
             return list(state.obj_ids), []

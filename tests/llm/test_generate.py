@@ -229,6 +229,22 @@ def test_pallas_decode_kernel_matches_xla(converted_untied):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+def test_decode_splits_fit_the_pallas_kernel():
+    """Every (k_splits, block_k) chosen satisfies the kernel's asserts (jax's
+    decode_attention: divisible splits of >= 16 slots, blocks of >= 16 dividing a split)."""
+    from pam_jax.llm.qwen2 import _decode_splits
+
+    for s in range(1, 20_000):
+        got = _decode_splits(s)
+        if got is None:
+            continue
+        ks, bk = got
+        split = s // ks
+        assert s % ks == 0 and split >= 16 and bk >= 16, (s, got)
+        assert split % min(bk, split) == 0, (s, got)
+    assert _decode_splits(1280) == (10, 128)  # PAM's cache: the H100 sweep's best
+
+
 def test_decode_batch_padding(one):
     """GPU pads batch 1 to 2 for the decode loop (min_batch): same tokens, same output shape."""
     _, model, _ = one

@@ -338,7 +338,7 @@ def test_remove_and_clear_edge_cases(tmp_path, tiny_predictor):
     with pytest.raises(ValueError, match="unknown object id 'b'"):
         p.clear_all_prompts_in_frame(state, 0, "b")
     assert p.remove_object(state, "b") == (["a"], [])  # not strict: nothing happens
-    with pytest.raises(ValueError, match="cannot remove object id 'b'"):
+    with pytest.raises(RuntimeError, match="cannot remove object id 'b'"):
         p.remove_object(state, "b", strict=True)
     # clearing the only prompt leaves an object with no input: propagation refuses it
     f, ids, masks = p.clear_all_prompts_in_frame(state, 0, "a")
