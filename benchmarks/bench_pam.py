@@ -64,21 +64,6 @@ def _median(fn, reps: int) -> float:
     return float(np.median(ts))
 
 
-def _numpy_random(make, seed: int = 0):
-    """Module with numpy-random parameters (flax's eager init of SAM 2 is slow on CPU)."""
-    from flax import nnx
-
-    from pam_jax.checkpoint import assign_params
-
-    model = nnx.eval_shape(make)
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, v in nnx.to_flat_state(nnx.state(model)):
-        x = rng.standard_normal(v.shape).astype(np.float32) * 0.02
-        flat[".".join(map(str, path))] = x + 1.0 if path[-1] == "scale" else x
-    return assign_params(model, flat)
-
-
 def _configs(tiny: bool):
     from pam_jax.llm import config as L
     from pam_jax.pam.config import PAMConfig
@@ -105,17 +90,18 @@ def bench_jax(cfg, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
+    from pam_jax.checkpoint import random_normal_params
     from pam_jax.llm.qwen2 import Qwen2ForCausalLM
     from pam_jax.pam.model import PAM, PAMParts
     from pam_jax.pam.predictor import PAMPredictor
     from pam_jax.sam2.model import SAM2Base
 
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    sam2 = _numpy_random(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0), dtype=dt))
-    parts = _numpy_random(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dt), 1)
+    sam2 = random_normal_params(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0), dtype=dt))
+    parts = random_normal_params(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dt), seed=1)
     make_llm = lambda: Qwen2ForCausalLM(cfg.llm, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt)  # noqa: E731
     # 3B: flax's init runs on the accelerator (3e9 host normals would take minutes)
-    llm = _numpy_random(make_llm, 2) if args.tiny else make_llm()
+    llm = random_normal_params(make_llm, seed=2) if args.tiny else make_llm()
     model = PAM(cfg, sam2=sam2, parts=parts, llm=llm)
     tok = StandInTokenizer(cfg.llm.vocab_size, 14, args.text_after)
     pred = PAMPredictor(model, tok, max_new_tokens=args.new)

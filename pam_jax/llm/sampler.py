@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from pam_jax import prepared
 from pam_jax.llm.qwen2 import PrefillLengths
 from pam_jax.prepared import Structure, merge
 
@@ -84,9 +84,8 @@ def prepare(model: Any) -> PreparedModel:
     """Split `model` once for repeated `generate` calls (re-prepare after changing weights)."""
     if isinstance(model, PreparedModel):
         return model
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return PreparedModel(Structure(graphdef, treedef), leaves, model.cfg)
+    p = prepared.prepare(model)
+    return PreparedModel(p.structure, p.leaves, model.cfg)
 
 
 @dataclasses.dataclass

@@ -327,11 +327,6 @@ class PAMPredictor:
             out.append((self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
         return out
 
-    def _generate(
-        self, visual: jax.Array, task: str, lang: str, history: str | None, rng: int
-    ) -> list[tuple[str, list[int]]]:
-        return self.generate(self.llm_inputs(visual, task, lang, history), rng)
-
     def describe_video(
         self,
         frames: Sequence[Any],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pam_jax.checkpoint import assign_params
+from pam_jax.checkpoint import random_normal_params
 from pam_jax.llm.config import tiny
 from pam_jax.llm.sampler import SamplingParams
 from pam_jax.llm.tokenizer import Tokenizer
@@ -28,16 +28,9 @@ MAX_NEW = 6
 
 
 def fast_random(make, seed: int = 0):
-    """A module with numpy-random parameters: eager flax init of SAM 2's ~300 tensors costs
-    over a minute on a loaded 2-core CI box, numpy fills take milliseconds. Norm scales near 1,
-    everything else N(0, 0.05^2): enough structure for the consistency checks below."""
-    model = nnx.eval_shape(make)
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, v in nnx.to_flat_state(nnx.state(model)):
-        x = rng.standard_normal(v.shape).astype(np.float32) * 0.05
-        flat[".".join(map(str, path))] = x + 1.0 if path[-1] == "scale" else x
-    return assign_params(model, flat)
+    """Norm scales near 1, everything else N(0, 0.05^2): enough structure for the consistency
+    checks below (numpy fills: eager flax init of SAM 2 costs a minute on a 2-core CI box)."""
+    return random_normal_params(make, seed=seed, std=0.05)
 
 
 @pytest.fixture(scope="module")
