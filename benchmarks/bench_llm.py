@@ -12,8 +12,9 @@ generate(1)) / (new - 1), so prefill is excluded on both sides.
 
 Memory-bandwidth floor per decode step: bytes = bf16 weights (the tied embedding counted once,
 it is read once for the lookup row and once for the logits, the latter dominating) + KV cache
-read at the mean context (prompt + new/2); floor = bytes / BW with BW = 3.0e12 B/s (H100
-measured copy bandwidth; `--bw` to change). Reported: fraction of the floor = floor / measured.
+read at the mean context (prompt + new/2); floor = bytes / BW with BW the device-to-device copy
+bandwidth measured in the same run (`benchmarks/hw.py`; `--bw` to override), and a second floor
+from the card's datasheet bandwidth. Reported: fraction of each floor = floor / measured.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import time
 
 import numpy as np
+from hw import card_limits  # benchmarks/hw.py: the card's limits, measured in this run
 
 
 def _configs(tiny: bool):
@@ -167,7 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=None, help="new tokens (default 128)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--bw", type=float, default=3.0e12, help="memory bandwidth, bytes/s")
+    p.add_argument(
+        "--bw", type=float, default=None, help="memory bandwidth, bytes/s (default: measured)"
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -180,16 +184,21 @@ def main(argv=None) -> int:
     if a.sizes and not a.tiny:
         cfgs = {k: cfgs[k] for k in a.sizes.split(",")}
     device = "cpu" if a.tiny or jax.default_backend() == "cpu" else "cuda"
+    lim = card_limits(small=a.tiny)
+    print(json.dumps({"card": lim.as_dict()}), flush=True)
+    print(lim.line(), flush=True)
+    bw = a.bw or lim.copy_bytes_s
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; prompt {prompt}, "
-        f"new {new}, {a.dtype}, bandwidth {a.bw / 1e12:.2f} TB/s"
+        f"new {new}, {a.dtype}, floor bandwidth {bw / 1e12:.2f} TB/s"
     )
     rows = []
     for name, cfg in cfgs.items():
         wbytes = _weight_bytes(cfg)
         for b in map(int, a.batches.split(",")):
             kv = _kv_bytes(cfg, b, prompt + new // 2)
-            floor = (wbytes + kv) / a.bw
+            floor = (wbytes + kv) / bw
+            sheet = (wbytes + kv) / lim.datasheet_bytes_s if lim.datasheet_bytes_s else None
             jp, jd = bench_jax(cfg, b, prompt, new, a.reps, a.dtype)
             row = dict(
                 size=name,
@@ -201,6 +210,7 @@ def main(argv=None) -> int:
                 jax_tok_s=b / jd,
                 floor_ms=floor * 1e3,
                 jax_floor_frac=floor / jd,
+                jax_datasheet_floor_frac=sheet / jd if sheet else None,
             )
             if not a.no_hf:
                 hp, hd = bench_hf(cfg, b, prompt, new, a.reps, a.dtype, device)
