@@ -1,0 +1,277 @@
+"""Batched PAM inference over evaluation items, appended to `predictions.jsonl` as it goes.
+
+Image items are batched across images: each batch holds up to `batch_size` regions from
+several images; SAM 2 + perceiver run per image (all its regions in one call, the region count
+padded to a power of two so one program serves every image with that bucket, prompt lengths
+bucketed by the predictor), then ONE generation over the batch, its rows padded to
+`batch_size` (one compiled decoding program for the whole run). Images are decoded ahead on
+host threads. Video items run one SAM 2 tracking pass each; streamed videos run their events in
+order, each prompted by its own box and carrying the previous event's prediction as history.
+
+Resuming: `predictions.jsonl` holds one line per finished id ({"id", "pred"} plus "mask_rle"
+for images and "masks_rle" (one RLE per frame) for videos); a restart skips the finished ids
+(and drops a half-written last line), so a killed run loses nothing and repeats nothing. Lines
+are flushed and fsynced per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pam_jax.evaluation.formats import TASKS, Item, decode_mask, encode_mask
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """Decoding: greedy (temperature 0) with the checkpoint's repetition penalty by default."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def sampling(self):
+        from pam_jax.llm.sampler import SamplingParams
+
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions file
+
+
+def read_predictions(path: str | os.PathLike, *, repair: bool = False) -> dict[str, dict]:
+    """{id: line} of a predictions JSONL. A last line without its newline (a run killed while
+    writing) is dropped, and with `repair` cut from the file. A duplicated id or a bad line
+    elsewhere is an error naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    data = p.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if repair and len(complete) != len(data):
+        with open(p, "r+b") as f:
+            f.truncate(len(complete))
+    out: dict[str, dict] = {}
+    for i, line in enumerate(complete.decode("utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            raise ValueError(f'{p} line {i}: a prediction is {{"id": str, "pred": ...}}')
+        if obj["id"] in out:
+            raise ValueError(f"{p} line {i}: id {obj['id']!r} appears twice")
+        out[obj["id"]] = obj
+    return out
+
+
+class PredictionWriter:
+    """Appends prediction lines; `write` flushes and fsyncs each group."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, lines: Sequence[dict]) -> None:
+        for obj in lines:
+            self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+def _load_image(path: str) -> np.ndarray:
+    from pam_jax.cliutil import read_image
+
+    return read_image(path)
+
+
+def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
+    """The item's region for the predictor, a mask spec decoded at the image size."""
+    r = dict(item.region)
+    if r.get("mask") is not None and not isinstance(r["mask"], np.ndarray):
+        r["mask"] = decode_mask(r["mask"], hw)
+    return r
+
+
+def _batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
+    """Consecutive image items in groups of `batch_size` regions (same task per group)."""
+    out: list[list[Item]] = []
+    for it in items:
+        if out and len(out[-1]) < batch_size and out[-1][0].task == it.task:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+def _prefetch(groups: Sequence[list[Item]], workers: int = 4) -> Iterator[tuple[list, dict]]:
+    """(group, {path: image}) with the images of the next groups decoded on host threads."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = []
+
+        def submit(g):
+            paths = sorted({it.media[0] for it in g})
+            return {p: pool.submit(_load_image, p) for p in paths}
+
+        ahead = 2
+        for g in groups[:ahead]:
+            futures.append(submit(g))
+        for k, g in enumerate(groups):
+            if k + ahead < len(groups):
+                futures.append(submit(groups[k + ahead]))
+            yield g, {p: f.result() for p, f in futures[k].items()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Runner:
+    """Runs a `PAMPredictor` over items; `predict(items)` yields prediction lines per group."""
+
+    def __init__(self, predictor: Any, *, batch_size: int, lang: str = "en", seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.pred = predictor
+        self.batch_size = batch_size
+        self.lang = lang
+        self.seed = seed
+
+    def image_group(self, group: Sequence[Item], images: dict[str, np.ndarray]) -> list[dict]:
+        """One batch of image items: SAM 2 per image, one padded generation for all regions."""
+        from pam_jax.pam.predictor import LLMInputs
+        from pam_jax.sam2.common import pow2_bucket
+
+        task = group[0].task
+        by_image: dict[str, list[int]] = {}
+        for i, it in enumerate(group):
+            by_image.setdefault(it.media[0], []).append(i)
+        masks: dict[int, np.ndarray] = {}
+        parts: list[tuple[list[int], Any]] = []
+        for path, idx in by_image.items():
+            img = images[path]
+            regions = [_region(group[i], img.shape[:2]) for i in idx]
+            # pad the region count to a power of two: one SAM 2 program per bucket
+            regions += [regions[0]] * (pow2_bucket(len(regions)) - len(regions))
+            inp = self.pred.image_inputs(img, regions, TASKS[task], self.lang)
+            for j, i in enumerate(idx):
+                masks[i] = inp.masks[j]
+            parts.append((idx, inp.llm))
+        texts: dict[int, str] = {}
+        if task != "segment":
+            import jax.numpy as jnp
+
+            rows = [(i, k, llm) for idx, llm in parts for k, i in enumerate(idx)]
+            emb = jnp.concatenate([llm.embeds[k][None] for _, k, llm in rows])
+            lengths = np.asarray([llm.lengths[k] for _, k, llm in rows])
+            pad = self.batch_size - len(rows)
+            if pad > 0:  # fixed batch: one decoding program; padded rows are dropped
+                emb = jnp.concatenate([emb, jnp.repeat(emb[:1], pad, axis=0)])
+                lengths = np.concatenate([lengths, np.repeat(lengths[:1], pad)])
+            first = parts[0][1]
+            joined = LLMInputs(emb, lengths, emb[:, :0], first.text_before, first.text_after)
+            gen = self.pred.generate(joined, self.seed)
+            for r, (i, _, _) in enumerate(rows):
+                texts[i] = gen[r][0]
+        return [
+            {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(masks[i])}
+            for i, it in enumerate(group)
+        ]
+
+    def video_item(self, it: Item) -> list[dict]:
+        frames = [_load_image(p) for p in it.media]
+        region = _region(it, frames[0].shape[:2])
+        res = self.pred.describe_video(
+            frames, region, "video_caption", self.lang, history=it.history, rng=self.seed
+        )
+        return [{"id": it.id, "pred": res.text, "masks_rle": [encode_mask(m) for m in res.masks]}]
+
+    def stream_item(self, it: Item) -> list[dict]:
+        out, history = [], None
+        for ev in it.events:
+            frames = [_load_image(p) for p in ev.frames]
+            res = self.pred.describe_video(
+                frames, {"box": list(ev.box)}, "streaming_caption", self.lang,
+                history=history, rng=self.seed,
+            )  # fmt: skip
+            history = res.text
+            out.append({"id": ev.id, "pred": res.text})
+        return out
+
+    def predict(self, items: Sequence[Item]) -> Iterator[tuple[int, list[dict]]]:
+        """(number of items finished, their prediction lines), group by group."""
+        images = [it for it in items if it.kind == "image"]
+        for group, decoded in _prefetch(_batches(images, self.batch_size)):
+            yield len(group), self.image_group(group, decoded)
+        for it in items:
+            if it.kind == "video":
+                yield 1, self.video_item(it)
+            elif it.kind == "stream":
+                yield 1, self.stream_item(it)
+
+
+def run_predictions(
+    runner: Runner,
+    items: Sequence[Item],
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    on_group: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict every item not yet in out_dir/predictions.jsonl, appending as groups finish.
+    Returns {"n_done_before", "n_predicted", "seconds", "items_per_s"}."""
+    path = Path(out_dir) / PREDICTIONS
+    done = read_predictions(path, repair=True)
+    todo = [it for it in items if not all(i in done for i in it.prediction_ids())]
+    partial = [i for it in todo for i in it.prediction_ids() if i in done]
+    if partial:  # a stream item cut between events: its events are redone together
+        keep = [line for k, line in done.items() if k not in set(partial)]
+        path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in keep))
+    writer = PredictionWriter(path)
+    t0 = time.perf_counter()
+    n = 0
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="eval", unit="item", dynamic_ncols=True)
+        for k, lines in runner.predict(todo):
+            writer.write(lines)
+            n += k
+            if progress:
+                bar.update(k)
+            if on_group is not None:
+                on_group(n)
+        if progress:
+            bar.close()
+    finally:
+        writer.close()
+    dt = time.perf_counter() - t0
+    return {
+        "n_done_before": len(items) - len(todo),
+        "n_predicted": n,
+        "seconds": dt,
+        "items_per_s": n / dt if dt > 0 else 0.0,
+    }
