@@ -200,17 +200,19 @@ def add_parser(conv_sub) -> argparse.ArgumentParser:
         default="keep",
         help="dtype of the written weights (default: keep)",
     )
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     return p
 
 
 def run(args) -> int:
-    try:
+    from pam_jax.cliutil import atomic_dir, check_new_dir
+
+    what = "HF model" if args.export else "model"
+    check_new_dir(args.dst, force=args.force, what=what)  # before reading the weights
+    with atomic_dir(args.dst, force=args.force, what=what) as tmp:
         if args.export:
-            out = export_hf(args.src, args.dst, args.dtype)
+            export_hf(args.src, tmp, args.dtype)
         else:
-            out = convert_llm(args.src, args.dst, args.dtype)
-    except CheckpointError as e:
-        print(f"error: {e}")
-        return 2
-    print(f"wrote {out}")
+            convert_llm(args.src, tmp, args.dtype)
+    print(f"wrote {args.dst}")
     return 0

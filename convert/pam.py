@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -214,21 +213,23 @@ def add_parser(conv_sub) -> argparse.ArgumentParser:
     p.add_argument("pam_dir", metavar="PAM_DIR", help="the release directory (e.g. PAM-3B)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="model directory to write")
     p.add_argument(
-        "--sam2", metavar="SAM2_CKPT.pt", default=None,
-        help="Meta's SAM 2 checkpoint the release uses (sam2.1_hiera_large.pt); required",
+        "--sam2", metavar="SAM2_CKPT.pt", required=True,
+        help="Meta's SAM 2 checkpoint the release uses (sam2.1_hiera_large.pt from "
+        "github.com/facebookresearch/sam2); required",
     )  # fmt: skip
     p.add_argument(
         "--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
         help="dtype of the written LLM weights (default: keep the release's)",
     )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert_pam(args.pam_dir, args.sam2, args.out_dir, dtype=args.dtype)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    from pam_jax.cliutil import atomic_dir, check_new_dir
+
+    check_new_dir(args.out_dir, force=args.force)  # before reading the release
+    with atomic_dir(args.out_dir, force=args.force) as tmp:
+        convert_pam(args.pam_dir, args.sam2, tmp, dtype=args.dtype)
+    print(f"wrote {args.out_dir}")
     return 0

@@ -16,7 +16,6 @@ import argparse
 import functools
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,15 +176,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="model input size, a multiple of 32 (the official config's image_size; "
         "default 1024)",
     )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert_sam2(args.ckpt, args.out_dir, args.image_size)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = SAM2Config.from_dict(read_model_config(out, KIND)["config"])
-    print(f"wrote {out} ({cfg.name}, SAM {cfg.version}, image size {cfg.image_size})")
+    from pam_jax.cliutil import atomic_dir, check_new_dir
+
+    check_new_dir(args.out_dir, force=args.force)  # before reading the checkpoint
+    with atomic_dir(args.out_dir, force=args.force) as tmp:
+        convert_sam2(args.ckpt, tmp, args.image_size)
+    cfg = SAM2Config.from_dict(read_model_config(args.out_dir, KIND)["config"])
+    print(f"wrote {args.out_dir} ({cfg.name}, SAM {cfg.version}, image size {cfg.image_size})")
     return 0

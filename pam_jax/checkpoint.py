@@ -107,18 +107,28 @@ def save_model_dir(
     params: Mapping[str, Any] | Iterator[tuple[str, Any]],
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write config.json and model.safetensors. `params` may be a dict or an iterator."""
+    """Write config.json and model.safetensors (files 0644). `params` may be a dict or an
+    iterator. For a whole new model folder wrap this in `pam_jax.cliutil.atomic_dir`, which
+    refuses a non-empty target and renames the finished folder into place."""
     from safetensors.numpy import save_file
+
+    from pam_jax.cliutil import FILE_MODE, progress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = params.items() if isinstance(params, Mapping) else params
-    tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in items}
+    total = len(params) if isinstance(params, Mapping) else None
+    tensors = {
+        k: np.ascontiguousarray(np.asarray(v))
+        for k, v in progress(items, total=total, desc=f"writing {kind}", unit="tensor")
+    }
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "kind": kind})
     os.replace(tmp, out / WEIGHTS_FILE)
     meta = {"format": FORMAT, "kind": kind, "config": dict(config), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    for f in (WEIGHTS_FILE, CONFIG_FILE):
+        os.chmod(out / f, FILE_MODE)
     return out
 
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pam_jax import cliutil
+
 # name -> (module, one-line help). Modules are imported lazily so `pam-jax --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("pam_jax.convert.cli", "convert official PyTorch / HF checkpoints"),
@@ -26,6 +28,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="pam-jax",
         description="pam-jax: region-level perception (SAM 2 + PAM) in JAX.",
     )
+    parser.add_argument("--version", action="version", version=f"pam-jax {cliutil.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (mod, help_) in COMMANDS.items():
@@ -37,17 +40,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Parse and run one command. Every command speaks with one voice: bad input is one line
+    `error: ...` on stderr and exit code 2 (`cliutil.EXIT_USAGE`, as argparse's own errors)."""
+    argv = cliutil.fix_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and argparse's usage errors (2)
+        return e.code if isinstance(e.code, int) else cliutil.EXIT_USAGE
     if args.command is None:
         parser.print_help()
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    return cliutil.run_command(module.run, args)
 
 
 if __name__ == "__main__":

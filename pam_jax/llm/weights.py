@@ -152,7 +152,9 @@ def write_safetensors(
     with open(tmp, "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        for name, dt, shape in entries:
+        from pam_jax.cliutil import progress
+
+        for name, dt, shape in progress(entries, desc=f"writing {path.name}", unit="tensor"):
             arr = np.ascontiguousarray(produce(name))
             if arr.dtype != np.dtype(dt) or tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(
