@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pam_jax.llm.cli", "generate text with a Qwen2 model"),
     "predict": ("pam_jax.pam.cli", "recognize, explain and caption regions with PAM"),
     "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
+    "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
 }
 
 

@@ -1,0 +1,267 @@
+"""The evaluation entry points: `evaluate(...)` (what `pam-jax eval` runs) and `Evaluator`
+(what the trainer calls every `eval_every` steps on its live model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pam_jax.evaluation import formats, report
+from pam_jax.evaluation.runner import (
+    PREDICTIONS,
+    DecodeSettings,
+    Runner,
+    read_predictions,
+    run_predictions,
+)
+from pam_jax.evaluation.scoring import score
+
+METRICS = "metrics.json"
+N_EXAMPLES = 8  # overlay tiles on the report page
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate: a benchmark file, its format, the task, and how."""
+
+    data: str
+    format: str = "pam"
+    task: str | None = None  # default: the format's (pam: each record's first human turn)
+    image_root: str | None = None
+    batch_size: int = 8
+    limit: int | None = None
+    strict: bool = False
+    lang: str = "en"
+    benchmark: str | None = None  # paper table to compare with (default: from the file name)
+    decode: DecodeSettings = DecodeSettings()
+
+
+class EvalError(ValueError):
+    """A refused evaluation (bad ids in a predictions file under --strict, ...)."""
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def resolve_model_dir(path: str | Path, step: int | None = None) -> Path:
+    """A PAM model directory, or a training workdir: its `export/` model directory, or with
+    `step` its `export/step_<N>` / `export/<N>` one (the latest numbered one when `export/`
+    itself holds no model)."""
+    p = Path(path)
+    if step is None and (p / "config.json").is_file():
+        return p
+    exp = p / "export"
+    if not exp.is_dir():
+        raise EvalError(f"--model {p}: neither a model directory nor a training workdir")
+    numbered = {}
+    for d in exp.iterdir():
+        m = re.fullmatch(r"(?:step_)?(\d+)", d.name)
+        if m and (d / "config.json").is_file():
+            numbered[int(m.group(1))] = d
+    if step is not None:
+        if step not in numbered:
+            have = ", ".join(map(str, sorted(numbered))) or "none"
+            raise EvalError(f"{p}: no exported model for step {step} (exported steps: {have})")
+        return numbered[step]
+    if (exp / "config.json").is_file():
+        return exp
+    if numbered:
+        return numbered[max(numbered)]
+    raise EvalError(f"{p}/export holds no model directory (was the run exported?)")
+
+
+def _settings(cfg: EvalConfig, model_id: str, tasks: list[str]) -> dict[str, Any]:
+    """What makes predictions different: recorded in run.json, checked on resume."""
+    d = cfg.decode
+    return {
+        "model": model_id,
+        "data": str(Path(cfg.data).resolve()),
+        "format": cfg.format,
+        "task": cfg.task or ",".join(tasks),
+        "image_root": str(Path(cfg.image_root).resolve()) if cfg.image_root else None,
+        "lang": cfg.lang,
+        "max_new_tokens": d.max_new_tokens,
+        "temperature": d.temperature,
+        "top_p": d.top_p,
+        "top_k": d.top_k,
+        "repetition_penalty": d.repetition_penalty,
+        "seed": d.seed,
+    }
+
+
+def _examples(items, preds, n: int):
+    from pam_jax.cliutil import read_image
+    from pam_jax.evaluation.formats import decode_mask
+
+    out = []
+    for it in items:
+        if len(out) >= n:
+            break
+        line = preds.get(it.id)
+        if it.kind != "image" or line is None:
+            continue
+        try:
+            img = read_image(it.media[0])
+        except (OSError, ValueError):
+            continue
+        rle = line.get("mask_rle")
+        mask = decode_mask(rle, img.shape[:2]) if rle is not None else None
+        ref = it.refs[0] if it.refs else "(mask)"
+        out.append((img, mask, str(line.get("pred", "")), ref))
+    return out
+
+
+def finish(
+    cfg: EvalConfig,
+    loaded: formats.Loaded,
+    preds: dict[str, dict],
+    out_dir: Path,
+    settings: dict[str, Any],
+    *,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score, check ids, write metrics.json, report.md / report.json and the overlay page."""
+    items = loaded.items
+    wanted = {i for it in items for i in it.prediction_ids()}
+    missing = sorted(wanted - set(preds))
+    unknown = sorted(set(preds) - wanted)
+    if missing:
+        _warn(f"{len(missing)} item(s) have no prediction (first: {missing[:3]})")
+    if unknown:
+        _warn(f"{len(unknown)} prediction id(s) are not in the data (first: {unknown[:3]})")
+    if cfg.strict and (missing or unknown):
+        raise EvalError(
+            f"predictions do not match the data: {len(missing)} missing, {len(unknown)} unknown "
+            "ids (--strict)"
+        )
+    values, unscored = score(items, preds, lang=cfg.lang)
+    n_ids = len(wanted)
+    flat: dict[str, Any] = dict(values)
+    flat["n_items"] = n_ids - len(set(unscored))
+    flat["n_skipped"] = len(loaded.problems) + len(set(unscored))
+    flat["n_missing"] = len(missing)
+    flat["n_unknown"] = len(unknown)
+    flat.update(settings)
+    flat.update(extra or {})
+    (out_dir / METRICS).write_text(json.dumps(flat, indent=2, ensure_ascii=False) + "\n")
+    bench = report.guess_benchmark(cfg.data, cfg.format, cfg.benchmark)
+    rep = report.build_report(flat, benchmark=bench, settings=settings)
+    rep["problems"] = [str(p) for p in loaded.problems]
+    ex = _examples(items, preds, N_EXAMPLES)
+    page = None
+    if ex:
+        report.overlay_page(ex, out_dir / "examples.png")
+        page = "examples.png"
+    report.write_report(out_dir, rep, page)
+    return flat
+
+
+def load_items(cfg: EvalConfig) -> formats.Loaded:
+    loaded = formats.load(
+        cfg.data, cfg.format, task=cfg.task, image_root=cfg.image_root, strict=cfg.strict,
+        limit=cfg.limit,
+    )  # fmt: skip
+    for p in loaded.problems:
+        _warn(f"{cfg.data} {p} (skipped)")
+    return loaded
+
+
+def evaluate(
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    model_id: str = "model",
+    predictions: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (model given) or score (`predictions` given) an evaluation into out_dir."""
+    from pam_jax.cliutil import RunFolder
+
+    loaded = load_items(cfg)
+    tasks = sorted({it.task for it in loaded.items})
+    settings = _settings(cfg, model_id if predictions is None else "predictions", tasks)
+    out = Path(out_dir)
+    if predictions is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        preds = read_predictions(predictions)
+        settings["predictions"] = str(Path(predictions).resolve())
+        return finish(cfg, loaded, preds, out, settings)
+    if model is None:
+        raise EvalError("evaluate: give a model or a predictions file")
+    RunFolder.open(out, command="eval", settings=settings, force=force)
+    from pam_jax.pam.predictor import PAMPredictor
+
+    pred = PAMPredictor(
+        model, tokenizer, sampling=cfg.decode.sampling(), max_new_tokens=cfg.decode.max_new_tokens
+    )
+    runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed)
+    stats = run_predictions(runner, loaded.items, out, progress=progress)
+    preds = read_predictions(out / PREDICTIONS)
+    extra = {"items_per_s": stats["items_per_s"]} if stats["n_predicted"] else {}
+    return finish(cfg, loaded, preds, out, settings, extra=extra)
+
+
+class Evaluator:
+    """The trainer's evaluator: `Evaluator(cfg, tokenizer, out_dir).run(model, step)` evaluates
+    the live PAM (a `PAM` module, or `(graphdef, state)` of one) on cfg's data and returns the
+    numeric metrics. Each step gets its own folder out_dir/step_<N> (predictions, metrics,
+    report); the metrics are appended to out_dir/eval.jsonl and, with `tensorboard_dir`, written
+    as TensorBoard scalars `eval/<key>`."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        tokenizer: Any,
+        out_dir: str | Path,
+        *,
+        tensorboard_dir: str | Path | None = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.tensorboard_dir = tensorboard_dir
+        self.loaded = load_items(config)  # parsed once, reused every step
+
+    def run(self, model_or_state: Any, step: int) -> dict[str, float]:
+        from flax import nnx
+
+        from pam_jax.pam.predictor import PAMPredictor
+
+        model = model_or_state
+        if isinstance(model, tuple):
+            model = nnx.merge(*model)
+        out = self.out_dir / f"step_{int(step)}"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        pred = PAMPredictor(
+            model, self.tokenizer, sampling=cfg.decode.sampling(),
+            max_new_tokens=cfg.decode.max_new_tokens,
+        )  # fmt: skip
+        runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed)
+        run_predictions(runner, self.loaded.items, out, progress=False)
+        preds = read_predictions(out / PREDICTIONS)
+        settings = _settings(cfg, f"step {step}", sorted({it.task for it in self.loaded.items}))
+        flat = finish(cfg, self.loaded, preds, out, settings)
+        numeric = {
+            k: float(v)
+            for k, v in flat.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in settings
+        }
+        with open(self.out_dir / "eval.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **numeric}) + "\n")
+        if self.tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            w = SummaryWriter(str(self.tensorboard_dir))
+            for k, v in numeric.items():
+                w.add_scalar(f"eval/{k}", v, int(step))
+            w.close()
+        return numeric
