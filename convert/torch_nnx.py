@@ -14,6 +14,7 @@ A converter built on this fails on any unknown, missing or misshapen key and nev
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -98,15 +99,32 @@ def torch_to_nnx_params(
     return out
 
 
+def nnx_to_torch_table(
+    model: nnx.Module,
+) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """The inverse table of `torch_to_nnx_params`, from the same leaf renames and layout rules:
+    {nnx key: (torch key, NNX -> torch layout function)} for every Variable of `model` (which
+    may be abstract). Exporters stream through it; raises if two keys would collide."""
+    owners = _owners(model)
+    out, seen = {}, {}
+    for path, _ in nnx.to_flat_state(nnx.state(model)):
+        path = tuple(path)
+        tk = nnx_to_torch_key(path)
+        if tk in seen:
+            raise CheckpointError(f"{path_key(path)} and {seen[tk]} both map to torch key {tk}")
+        seen[tk] = path_key(path)
+        layout = functools.partial(to_torch_layout, owners.get(path[:-1]), str(path[-1]))
+        out[path_key(path)] = (tk, layout)
+    return out
+
+
 def nnx_to_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """The inverse mapping: {torch key: array in torch layout} (for export and tests)."""
-    owners = _owners(model)
-    out = {}
-    for path, v in nnx.to_flat_state(nnx.state(model)):
-        path = tuple(path)
-        w = np.asarray(v.get_value())
-        out[nnx_to_torch_key(path)] = to_torch_layout(owners.get(path[:-1]), str(path[-1]), w)
-    return out
+    flat = {path_key(tuple(p)): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    return {
+        tk: layout(np.asarray(flat[k].get_value()))
+        for k, (tk, layout) in nnx_to_torch_table(model).items()
+    }
 
 
 def short_list(xs: list[str], n: int = 25) -> str:
