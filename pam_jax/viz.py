@@ -1,14 +1,23 @@
 """Drawing masks, boxes, points and labels over an image (PIL only; used by SAM 2 and PAM).
 
 All functions take and return host data (numpy / PIL); nothing here touches JAX.
+
+Text is drawn with Noto Sans CJK (the `noto-cjk-sans-otc` dependency, SIL Open Font License),
+so Chinese captions (the `zh` tasks) render; `PAM_JAX_FONT=/path/to/font.ttf` overrides it. Long
+labels are cut with an ellipsis; a region whose mask is empty gets its label at its prompt.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+LABEL_CHARS = 48  # labels are cut here with "…" (the JSON outputs keep the full text)
+CJK_FACE = 2  # NotoSansCJK-Regular.ttc faces: 0 JP, 1 KR, 2 SC, 3 TC, 4 HK
 
 # A qualitative palette (Tableau 10): neighbouring masks stay distinguishable.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -30,6 +39,36 @@ NEGATIVE_COLOR = (230, 0, 0)
 def color(i: int) -> tuple[int, int, int]:
     """The palette colour of mask `i` (cycling)."""
     return PALETTE[i % len(PALETTE)]
+
+
+def font_path() -> tuple[str, int] | None:
+    """(font file, face index) used for text: $PAM_JAX_FONT, else the bundled Noto Sans CJK."""
+    env = os.environ.get("PAM_JAX_FONT")
+    if env:
+        return env, 0
+    try:
+        import noto_cjk_sans_otc
+    except ImportError:
+        return None
+    return str(noto_cjk_sans_otc.FONT_PATH), CJK_FACE
+
+
+@functools.lru_cache(maxsize=16)
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The label font at `size` pixels (Noto Sans CJK SC; PIL's default font without it)."""
+    found = font_path()
+    if found is not None:
+        try:
+            return ImageFont.truetype(found[0], size, index=found[1])
+        except OSError:
+            pass
+    return ImageFont.load_default(size=size)
+
+
+def shorten(text: str, limit: int = LABEL_CHARS) -> str:
+    """One line of at most `limit` characters, cut with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _as_rgb(image: np.ndarray | Image.Image) -> np.ndarray:
@@ -68,12 +107,18 @@ def overlay_masks(
     points: np.ndarray | Sequence[Sequence[float]] | None = None,
     point_labels: Sequence[int] | None = None,
     label_xy: Sequence[Sequence[float] | None] | None = None,
+    anchors: Sequence[Sequence[float] | None] | None = None,
+    legend: Sequence[str] | None = None,
+    max_label_chars: int = LABEL_CHARS,
 ) -> Image.Image:
     """The image with each mask blended in its own colour, plus optional prompts and labels.
 
     masks: [N, H, W] booleans (or anything where > 0 is foreground) at the image size.
     labels: one text per mask (None or "" to skip), drawn at `label_xy[i]` if given, else at the
-    top-left of the mask's bounding box, moved down where labels would overlap.
+    top-left of the mask's bounding box, else (an empty mask) at `anchors[i]` (its prompt: a
+    box corner or a click), moved down where labels would overlap; cut at `max_label_chars`
+    with an ellipsis. legend: one entry per mask, drawn with its colour swatch in the top-left
+    corner (tells masks apart where they overlap).
     boxes: [K, 4] x1, y1, x2, y2 in pixels. points: [P, 2] x, y; point_labels 1 (positive,
     green) or 0 (negative, red).
     """
@@ -107,18 +152,27 @@ def overlay_masks(
             fill = POSITIVE_COLOR if int(lab) == 1 else NEGATIVE_COLOR
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
 
+    if legend is not None and len(legend) != len(masks):
+        raise ValueError(f"{len(legend)} legend entries for {len(masks)} masks")
+    fnt = font(max(10, round(min(h, w) / 40)))
+    placed: list[tuple[int, int, int, int]] = []
+    if legend is not None and len(legend):
+        placed.extend(_draw_legend(draw, fnt, [shorten(t, max_label_chars) for t in legend], cols))
     if labels is not None:
-        font = ImageFont.load_default(size=max(10, round(min(h, w) / 40)))
-        placed: list[tuple[int, int, int, int]] = []
         for k, (m, c, text) in enumerate(zip(masks, cols, labels)):
             if not text:
                 continue
+            text = shorten(text, max_label_chars)
+            ys, xs = np.nonzero(m)
             if label_xy is not None and label_xy[k] is not None:
                 x0, y0 = (int(v) for v in label_xy[k])
+            elif len(xs):
+                x0, y0 = int(xs.min()), int(ys.min())
+            elif anchors is not None and anchors[k] is not None:
+                x0, y0 = (int(v) for v in anchors[k])
             else:
-                ys, xs = np.nonzero(m)
-                x0, y0 = (int(xs.min()), int(ys.min())) if len(xs) else (0, 0)
-            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+                x0, y0 = 0, 0
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=fnt)
             tw, th = right - left + 4, bottom - top + 4
             x0, y0 = min(max(0, x0), max(0, w - tw)), min(max(0, y0), max(0, h - th))
             # move down past labels already drawn there, so none hides another
@@ -126,5 +180,22 @@ def overlay_masks(
                 y0 += th
             placed.append((x0, y0, x0 + tw, y0 + th))
             draw.rectangle((x0, y0, x0 + tw, y0 + th), fill=c)
-            draw.text((x0 + 2 - left, y0 + 2 - top), text, fill=(255, 255, 255), font=font)
+            draw.text((x0 + 2 - left, y0 + 2 - top), text, fill=(255, 255, 255), font=fnt)
     return img
+
+
+def _draw_legend(draw, fnt, entries, cols) -> list[tuple[int, int, int, int]]:
+    """A swatch and a text per mask, stacked in the top-left corner; returns the boxes used."""
+    boxes = []
+    y = 4
+    for text, c in zip(entries, cols):
+        left, top, right, bottom = draw.textbbox((0, 0), text or " ", font=fnt)
+        th = bottom - top + 4
+        sw = th
+        x1 = 4 + sw + 4 + right - left + 4
+        draw.rectangle((4, y, x1, y + th), fill=(0, 0, 0))
+        draw.rectangle((6, y + 2, 4 + sw - 2, y + th - 2), fill=c)
+        draw.text((4 + sw + 4 - left, y + 2 - top), text, fill=(255, 255, 255), font=fnt)
+        boxes.append((4, y, x1, y + th))
+        y += th + 2
+    return boxes
