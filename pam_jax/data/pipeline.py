@@ -1,0 +1,252 @@
+"""The training / evaluation input pipeline: sources -> grain -> static-shape `Batch`es.
+
+    ds = make_dataset("data/refcoco", tokenizer=tok, cfg=PreprocessConfig(), batch_size=8, seed=0)
+    it = iter(ds)
+    batch = next(it)                 # pam_jax.data.batch.Batch
+    state = it.get_state()           # or orbax: grain.checkpoint.CheckpointSave(it)
+    it.set_state(state)              # continues with exactly the next batch
+
+`spec` is a prepared dataset folder, a JSONL file (read in place, with `image_root`), or a
+mixture YAML in the release's format:
+
+    datasets:
+      - json_path: refcoco.jsonl        # or a prepared dataset folder (relative to the YAML)
+        sampling_strategy: all          # all | first:N | end:N | random:N | any of these with N%
+        weight: 2.0                     # pam-jax extension (optional)
+        image_root: images/             # pam-jax extension (optional; else the image_root arg)
+
+Without weights the selected records are concatenated (the release: proportions by counts);
+with weights on every entry, each entry is shuffled and repeated on its own and drawn with
+those proportions (`grain.MapDataset.mix`; an infinite stream).
+
+Order of operations: global shuffle (seeded; a new order each epoch) -> repeat -> per-record
+preprocessing (augmentation seeded by the global position, so it does not depend on the
+process count) -> this process's share `[process_index::process_count]` -> threads ->
+batches. Over an epoch the processes read disjoint shares whose union is every record.
+`augment=False, shuffle=False` is fully deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pam_jax.data.batch import collate
+from pam_jax.data.preprocess import PreprocessConfig, make_example
+from pam_jax.data.source import (
+    JsonlSource,
+    dataset_report,
+    is_dataset_dir,
+    load_element,
+    open_source,
+)
+
+STRATEGIES = ("all", "first", "end", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureEntry:
+    path: str
+    sampling_strategy: str = "all"
+    weight: float | None = None
+    image_root: str | None = None
+
+
+def read_mixture(path: str | os.PathLike) -> list[MixtureEntry]:
+    """The release's mixture YAML (`datasets:` list) -> entries; paths relative to the YAML."""
+    import yaml
+
+    p = Path(path)
+    doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("datasets"), list)
+        or not doc["datasets"]
+    ):
+        raise ValueError(f"{p}: a mixture YAML needs a non-empty `datasets:` list")
+    out = []
+    for i, d in enumerate(doc["datasets"]):
+        if not isinstance(d, dict) or "json_path" not in d:
+            raise ValueError(f"{p}: datasets[{i}] needs a json_path")
+        unknown = set(d) - {"json_path", "sampling_strategy", "weight", "image_root"}
+        if unknown:
+            raise ValueError(f"{p}: datasets[{i}] has unknown keys {sorted(unknown)}")
+
+        def rel(x):
+            return None if x is None else str(x if Path(x).is_absolute() else p.parent / x)
+
+        w = d.get("weight")
+        out.append(
+            MixtureEntry(
+                rel(d["json_path"]),
+                str(d.get("sampling_strategy", "all")),
+                None if w is None else float(w),
+                rel(d.get("image_root")),
+            )
+        )
+        select_indices(10, out[-1].sampling_strategy, np.random.default_rng(0))  # check syntax
+    if len({e.weight is None for e in out}) > 1:
+        raise ValueError(f"{p}: give a weight to every dataset or to none")
+    if any(e.weight is not None and not e.weight > 0 for e in out):
+        raise ValueError(f"{p}: weights must be positive")
+    return out
+
+
+def select_indices(n: int, strategy: str, rng: np.random.Generator) -> np.ndarray:
+    """The release's `sampling_strategy` over n records: all, first:N, end:N, random:N, with N
+    a count or a percentage (ceil(N% of n))."""
+    name, _, num = strategy.partition(":")
+    if name not in STRATEGIES or (name == "all") != (num == ""):
+        raise ValueError(f"bad sampling_strategy {strategy!r} (all, first:N, end:N, random:N[%])")
+    if name == "all":
+        return np.arange(n)
+    try:
+        k = math.ceil(int(num[:-1]) * n / 100) if num.endswith("%") else int(num)
+    except ValueError:
+        raise ValueError(f"bad sampling_strategy {strategy!r}: N must be an integer") from None
+    k = max(0, min(k, n))
+    if name == "first":
+        return np.arange(k)
+    if name == "end":
+        return np.arange(n - k, n)
+    return np.sort(rng.permutation(n)[:k])
+
+
+def parse_spec(spec: Any, image_root: str | os.PathLike | None = None) -> list[MixtureEntry]:
+    if isinstance(spec, MixtureEntry):
+        return [spec]
+    if isinstance(spec, list | tuple):
+        return [e for s in spec for e in parse_spec(s, image_root)]
+    p = Path(spec)
+    root = None if image_root is None else str(image_root)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return [
+            e if e.image_root else dataclasses.replace(e, image_root=root) for e in read_mixture(p)
+        ]
+    return [MixtureEntry(str(p), image_root=root)]
+
+
+class _Selected:
+    """(component, record index, element) for the selected records of one source."""
+
+    def __init__(self, src: Any, index: np.ndarray, component: int):
+        self.src, self.index, self.component = src, index, component
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = int(self.index[i])
+        return self.component, j, self.src[j]
+
+
+def _kinds(entry: MixtureEntry, src: Any) -> set[str]:
+    if isinstance(src, JsonlSource):
+        return {r.kind for r in src.records}
+    if is_dataset_dir(entry.path):
+        return {k for k, v in dataset_report(entry.path).get("written_by_kind", {}).items() if v}
+    return {"image", "video"}
+
+
+def _preprocess(item, rng=None, *, tokenizer, cfg):
+    component, index, element = item
+    record, frames = load_element(element)
+    return make_example(record, frames, tokenizer, cfg, rng), component, index
+
+
+def _collate(items, *, batch_size, **kw):
+    return collate(
+        [x[0] for x in items],
+        batch_size=batch_size,
+        source_index=[x[1] for x in items],
+        record_index=[x[2] for x in items],
+        **kw,
+    )
+
+
+def make_dataset(
+    spec: Any,
+    *,
+    tokenizer: Any,
+    cfg: PreprocessConfig,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    augment: bool | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    image_root: str | os.PathLike | None = None,
+    seq_bucket: int | Sequence[int] = 64,
+    num_points: int | None = None,
+    drop_remainder: bool | None = None,
+    num_threads: int = 4,
+    prefetch: int = 64,
+    worker_count: int = 0,
+):
+    """A grain IterDataset of `Batch`es (see module doc). `batch_size` is per process.
+
+    augment: overrides cfg.augment when given. num_epochs: None = endless. drop_remainder:
+    default True when endless; a finite stream's last batch is padded (example_valid False).
+    num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
+    bucket). worker_count > 0 adds grain multiprocessing (`mp_prefetch`)."""
+    import grain
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if augment is not None:
+        cfg = dataclasses.replace(cfg, augment=bool(augment))
+    entries = parse_spec(spec, image_root)
+    weighted = entries[0].weight is not None
+    parts, kinds = [], set()
+    for k, e in enumerate(entries):
+        src = open_source(e.path, e.image_root)
+        idx = select_indices(len(src), e.sampling_strategy, np.random.default_rng([seed, k]))
+        if len(idx) == 0:
+            raise ValueError(f"{e.path}: no records selected ({e.sampling_strategy})")
+        kinds |= _kinds(e, src)
+        parts.append(grain.MapDataset.source(_Selected(src, idx, k)))
+    if weighted:
+        if num_epochs is not None:
+            raise ValueError("a weighted mixture is an endless stream; leave num_epochs unset")
+        parts = [
+            (p.shuffle(seed=seed + 7919 * k) if shuffle else p).repeat()
+            for k, p in enumerate(parts)
+        ]
+        ds = grain.MapDataset.mix(parts, weights=[e.weight for e in entries])
+    else:
+        ds = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+    fn = functools.partial(_preprocess, tokenizer=tokenizer, cfg=cfg)
+    ds = ds.random_map(fn, seed=seed) if cfg.augment else ds.map(fn)
+    ds = ds[process_index::process_count]
+    finite = num_epochs is not None
+    if drop_remainder is None:
+        drop_remainder = not finite
+    if num_points is None and cfg.augment:
+        num_points = max(cfg.max_image_points, cfg.max_video_points, 2)
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    )
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it.batch(
+        batch_size,
+        drop_remainder=drop_remainder,
+        batch_fn=functools.partial(
+            _collate,
+            batch_size=batch_size,
+            seq_bucket=seq_bucket,
+            num_frames=cfg.num_frames if "video" in kinds else 1,
+            num_points=num_points,
+        ),
+    )
