@@ -382,8 +382,11 @@ def write_sam2_pt(path: Path, entries: Sequence[ExportTensor]) -> Path:
         else:
             sd[e.key] = torch.from_numpy(a)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": sd}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"model": sd}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -425,16 +428,23 @@ def export_pam(
 
 
 def export_sam2(
-    sam2_dir: str | os.PathLike, out_pt: str | os.PathLike, *, dtype: str | None = None
+    sam2_dir: str | os.PathLike,
+    out_pt: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """A SAM 2 model directory -> Meta's `.pt` format (`build_sam2(cfg, out_pt)` loads it)."""
+    """A SAM 2 model directory -> Meta's `.pt` format (`build_sam2(cfg, out_pt)` loads it).
+    An existing file is refused unless `force`; the file is written whole or not at all."""
+    out = Path(out_pt)
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a directory; give the .pt file to write")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; choose a new file or add --force to replace it")
     errors: list[str] = []
     entries = sam2_entries(Path(sam2_dir), out_dtype(dtype), errors)
     if errors:
         raise CheckpointError(f"cannot export {sam2_dir}: " + "; ".join(errors))
-    out = Path(out_pt)
-    if out.is_dir():
-        raise CheckpointError(f"{out} is a directory; give the .pt file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_sam2_pt(out, entries)
 

@@ -208,26 +208,50 @@ def add_parser(conv_sub) -> argparse.ArgumentParser:
         help="an official PAM release directory plus SAM 2 weights",
         description="Convert an official PAM release directory (config.json, safetensors, "
         "tokenizer) and Meta's SAM 2.1 checkpoint into a pam-jax model directory. The SAM 2 "
-        "copy inside the PAM files is ignored, as the release's own loader does.",
+        "copy inside the PAM files is ignored, as the release's own loader does. With "
+        "--export, the inverse: a pam-jax PAM model directory (PAM_DIR) -> the official "
+        "release layout (OUT_DIR), SAM 2 included and also written as OUT_DIR/sam2.pt.",
     )
-    p.add_argument("pam_dir", metavar="PAM_DIR", help="the release directory (e.g. PAM-3B)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="model directory to write")
     p.add_argument(
-        "--sam2", metavar="SAM2_CKPT.pt", required=True,
+        "pam_dir", metavar="PAM_DIR",
+        help="the release directory (e.g. PAM-3B); with --export the pam-jax model directory",
+    )  # fmt: skip
+    p.add_argument(
+        "out_dir", metavar="OUT_DIR",
+        help="model directory to write; with --export the release directory to write",
+    )  # fmt: skip
+    p.add_argument(
+        "--sam2", metavar="SAM2_CKPT.pt", default=None,
         help="Meta's SAM 2 checkpoint the release uses (sam2.1_hiera_large.pt from "
-        "github.com/facebookresearch/sam2); required",
+        "github.com/facebookresearch/sam2); required (not with --export)",
+    )  # fmt: skip
+    p.add_argument(
+        "--export", action="store_true",
+        help="inverse direction: pam-jax model dir -> official release layout (sharded "
+        "safetensors + index, config.json, generation_config.json, tokenizer, sam2.pt)",
     )  # fmt: skip
     p.add_argument(
         "--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
-        help="dtype of the written LLM weights (default: keep the release's)",
+        help="dtype of the written LLM weights (default: keep the release's); with --export, "
+        "of every written floating tensor (default: keep each tensor's)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pam_jax.cliutil import atomic_dir, check_new_dir
+    from pam_jax.cliutil import CLIError, atomic_dir, check_new_dir
 
+    if args.export:
+        from pam_jax.convert.export_pam import run_export
+
+
+        return run_export(args)
+    if args.sam2 is None:
+        raise CLIError(
+            "--sam2 SAM2_CKPT.pt is required: the PAM release loads SAM 2 from Meta's "
+            "checkpoint (sam2.1_hiera_large.pt), not from the PAM files"
+        )
     check_new_dir(args.out_dir, force=args.force)  # before reading the release
     with atomic_dir(args.out_dir, force=args.force) as tmp:
         convert_pam(args.pam_dir, args.sam2, tmp, dtype=args.dtype)

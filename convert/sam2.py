@@ -169,8 +169,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Convert an official SAM 2 or SAM 2.1 checkpoint (any of the 8 sizes; "
         "size and version are detected) into a pam-jax model directory.",
     )
-    p.add_argument("ckpt", metavar="CKPT.pt", help="official checkpoint ({'model': state_dict})")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="model directory to write")
+    p.add_argument(
+        "ckpt", metavar="CKPT.pt",
+        help="official checkpoint ({'model': state_dict}); with --export the model directory",
+    )  # fmt: skip
+    p.add_argument(
+        "out_dir", metavar="OUT_DIR", help="model directory to write; with --export the .pt"
+    )
+    p.add_argument(
+        "--export", action="store_true",
+        help="inverse direction: pam-jax SAM 2 model dir -> official .pt ({'model': state_dict})",
+    )  # fmt: skip
     p.add_argument(
         "--image-size", type=int, default=1024, metavar="N",
         help="model input size, a multiple of 32 (the official config's image_size; "
@@ -183,6 +192,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pam_jax.cliutil import atomic_dir, check_new_dir
 
+    if args.export:
+        from pam_jax.convert.export_pam import export_sam2
+
+        print(f"wrote {export_sam2(args.ckpt, args.out_dir, force=args.force)}")
+        return 0
     check_new_dir(args.out_dir, force=args.force)  # before reading the checkpoint
     with atomic_dir(args.out_dir, force=args.force) as tmp:
         convert_sam2(args.ckpt, tmp, args.image_size)

@@ -289,3 +289,26 @@ def test_export_sam2_pt(model_dir, sam2_official, tmp_path):
     assert set(sd) == set(sam2_official[1])
     for k, v in sam2_official[1].items():
         assert_bit_equal(sd[k].numpy(), v, k)
+
+
+def test_cli(model_dir, tmp_path, capsys):
+    from pam_jax.cli import main
+
+    out = tmp_path / "rel"
+    assert (
+        main(["convert", "pam", "--export", str(model_dir), str(out), "--dtype", "bfloat16"]) == 0
+    )
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out / exp.INDEX_FILE).is_file() and (out / exp.SAM2_PT).is_file()
+    assert main(["convert", "pam", "--export", str(model_dir), str(out)]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    rc = main(["convert", "pam", "--export", "--sam2", "x.pt", str(model_dir), str(out)])
+    assert rc == 2 and "--sam2" in capsys.readouterr().err
+
+    pt = tmp_path / "sam2.pt"
+    sam2_dir = str(model_dir / conv.SAM2_SUBDIR)
+    assert main(["convert", "sam2", "--export", sam2_dir, str(pt)]) == 0
+    assert main(["convert", "sam2", "--export", sam2_dir, str(pt)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["convert", "sam2", "--export", sam2_dir, str(pt), "--force"]) == 0
+    assert list(torch.load(pt, map_location="cpu", weights_only=True)) == ["model"]
