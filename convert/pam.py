@@ -245,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from pam_jax.convert.export_pam import run_export
 
-
         return run_export(args)
     if args.sam2 is None:
         raise CLIError(
