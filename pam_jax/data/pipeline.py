@@ -210,7 +210,12 @@ def make_dataset(
         src = open_source(e.path, e.image_root)
         idx = select_indices(len(src), e.sampling_strategy, np.random.default_rng([seed, k]))
         if len(idx) == 0:
-            raise ValueError(f"{e.path}: no records selected ({e.sampling_strategy})")
+            bad = len(getattr(src, "skipped", ()))
+            raise ValueError(
+                f"{e.path}: no records selected ({e.sampling_strategy}; {len(src)} good records"
+                + (f", {bad} bad ones skipped" if bad else "")
+                + ")"
+            )
         kinds |= _kinds(e, src)
         parts.append(grain.MapDataset.source(_Selected(src, idx, k)))
     if weighted:

@@ -15,6 +15,7 @@ Records keep the order of the files and lines given.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import json
@@ -204,6 +205,9 @@ def _builder_class():
         """PAM region records: encoded frames + the checked record as JSON."""
 
         VERSION = tfds.core.Version(TFDS_VERSION)
+        # no checksums file to find next to the code (tfds' lookup of it needs
+        # importlib_resources, which tfds does not install)
+        code_path = None
         examples: Iterable[tuple[int, dict]] = ()
 
         def _info(self):
@@ -285,7 +289,8 @@ def prepare(
         cls = _builder_class()
         builder = cls(data_dir=str(tmp), file_format="array_record")
         builder.examples = examples()
-        builder.download_and_prepare()
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and ..."
+            builder.download_and_prepare()
         summary = report.to_json(
             image_size=image_size,
             image_root=None if image_root is None else str(image_root),

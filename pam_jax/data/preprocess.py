@@ -192,6 +192,10 @@ def decode_mask(mask: Any, hw: tuple[int, int]) -> np.ndarray:
         if [int(v) for v in rle.get("size", ())] != [h, w]:
             raise RecordError("bad_mask", f"RLE size {rle.get('size')} is not the image's {[h, w]}")
         if isinstance(rle["counts"], list):
+            if sum(rle["counts"]) != h * w:
+                raise RecordError(
+                    "bad_mask", f"RLE counts sum to {sum(rle['counts'])}, not {h * w}"
+                )
             rle = mask_utils.frPyObjects(rle, h, w)
         elif isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode("ascii")

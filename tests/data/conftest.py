@@ -132,7 +132,7 @@ def image_root(tmp_path):
     root = tmp_path / "images"
     for i in range(12):
         write_image(root / f"img{i}.jpg", seed=i)
-    write_image(root / "p.png", hw=(40, 30), seed=99)
+    write_image(root / "p.png", hw=(50, 45), seed=99)
     for i in range(6):
         write_image(root / "vid" / f"{i:05d}.jpg", seed=100 + i)
     return root
