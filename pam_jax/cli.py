@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("pam_jax.pam.cli", "recognize, explain and caption regions with PAM"),
     "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
     "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
+    "data": ("pam_jax.data.cli", "prepare and inspect training data (JSONL -> ArrayRecord)"),
 }
 
 
