@@ -312,3 +312,36 @@ def test_cli(model_dir, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["convert", "sam2", "--export", sam2_dir, str(pt), "--force"]) == 0
     assert list(torch.load(pt, map_location="cpu", weights_only=True)) == ["model"]
+
+
+def test_save_pam_model_round_trips_untied(tmp_path):
+    """A model written by `save_pam` (no release behind it; untied lm_head, as a trained model
+    may be) round-trips too, lm_head.weight included."""
+    from flax import nnx
+
+    from pam_jax.checkpoint import random_normal_params
+    from pam_jax.llm.config import tiny
+    from pam_jax.pam.model import PAM, save_pam
+    from pam_jax.sam2.config import sam2_config
+    from pam_jax.sam2.model import SAM2Base
+
+    cfg = PAMConfig(
+        sam2=sam2_config("t", "2.1"),
+        llm=tiny(vocab_size=VOCAB, hidden_size=64, intermediate_size=128),
+    )
+    assert not cfg.llm.tie_word_embeddings
+    sam2 = random_normal_params(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0)), seed=1)
+    model = PAM(cfg, sam2=sam2, rngs=nnx.Rngs(2))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    byte_tokenizer().save(str(tok / "tokenizer.json"))
+    save_pam(model, tmp_path / "m", tokenizer_dir=tok)
+    out = tmp_path / "rel"
+    exp.export_pam(tmp_path / "m", out, log=lambda s: None)
+    assert "lm_head.weight" in TensorSource.from_dir(out).keys()
+    conv.convert_pam(out, out / exp.SAM2_PT, tmp_path / "m2", log=lambda s: None)
+    for sub in (".", conv.SAM2_SUBDIR, conv.LLM_SUBDIR):
+        a, b = _dir_tensors(tmp_path / "m" / sub), _dir_tensors(tmp_path / "m2" / sub)
+        assert sorted(a) == sorted(b), sub
+        for k in a:
+            assert_bit_equal(a[k], b[k], f"{sub}/{k}")
