@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
     "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
     "data": ("pam_jax.data.cli", "prepare and inspect training data (JSONL -> ArrayRecord)"),
+    "train": ("pam_jax.train.cli", "train PAM on a device mesh (stages, resume, compile-only)"),
 }
 
 

@@ -1,0 +1,243 @@
+"""The training loop: `train(cfg, resume=...)` builds mesh, model, optimizer, data and
+checkpoints from the run config and runs `steps` optimizer steps.
+
+Workdir layout:
+    config.json         the resolved run config (+ package versions in versions.json)
+    checkpoints/<step>/ orbax checkpoints (see checkpoint.py)
+    metrics.jsonl       one line per logged step; eval.jsonl validation results
+    tb/                 TensorBoard events (tensorboardX, no TensorFlow)
+    loss.png            loss curves, written at the end
+    export/             a model directory (`pam-jax predict` / `pam-jax eval` load it)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from pam_jax.training import batch as batch_lib
+from pam_jax.training.checkpoint import Checkpoints
+from pam_jax.training.config import ConfigError, TrainConfig
+from pam_jax.training.data import make_source
+from pam_jax.training.metrics import RunLog, device_peak, model_flops
+from pam_jax.training.model import ModelSpec, load_model, spec_for
+from pam_jax.training.optim import make_optimizer
+from pam_jax.training.step import Trainer, TrainState, make_run_mesh
+
+# keys that may change on --resume (they do not change the math of the steps already run)
+RESUMABLE = {
+    "steps", "workdir", "log_every", "save_every", "keep", "eval_every", "eval_data", "export",
+    "nan_check",
+}  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (one line)."""
+
+
+def default_seq_len(cfg: TrainConfig, num_visual: int) -> int:
+    if cfg.seq_len:
+        return cfg.seq_len
+    return -(-(num_visual + 128) // 64) * 64
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for p in ("pam-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_workdir(cfg: TrainConfig, resume: bool) -> Path:
+    """Create the workdir and write config.json / versions.json; refuse a workdir of another
+    run (or any earlier run without --resume), and a resume against an incompatible config."""
+    wd = Path(cfg.workdir)
+    path = wd / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if not resume:
+            raise ConfigError(
+                f"{wd} already holds a run (config.json); pass --resume to continue it or "
+                "choose another workdir"
+            )
+        diff = sorted(k for k in set(old) | set(cfg.to_dict())
+                      if k not in RESUMABLE and old.get(k) != cfg.to_dict().get(k))  # fmt: skip
+        if diff:
+            raise ConfigError(
+                f"cannot resume {wd}: the config differs in {', '.join(diff)} "
+                f"(only {', '.join(sorted(RESUMABLE))} may change)"
+            )
+    elif resume and (wd / "checkpoints").is_dir():
+        raise ConfigError(f"cannot resume {wd}: it has checkpoints but no config.json")
+    if jax.process_index() == 0:
+        wd.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (wd / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    return wd
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    import os
+
+    d = (
+        path
+        or os.environ.get("PAM_JAX_COMPILATION_CACHE")
+        or str(Path.home() / ".cache" / "pam_jax" / "xla")
+    )
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+class _Signals:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits after the step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _host(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: np.asarray(jax.device_get(v)) for k, v in m.items()}
+
+
+def export_model(spec: ModelSpec, params: dict, out_dir: Path, tokenizer_dir=None) -> Path:
+    """Write a model directory (`pam_jax.pam.model.save_pam`) from the full parameter dict."""
+    from pam_jax.pam.model import save_pam
+
+    model = spec.merge({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
+    return save_pam(model, out_dir, tokenizer_dir=tokenizer_dir)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[str, Any]:
+    """Run (or continue) a training run; returns a summary dict. Raises ConfigError /
+    TrainingError with a one-line message on bad input or a non-finite loss."""
+    cfg.validate()
+    enable_compilation_cache()
+    wd = prepare_workdir(cfg, resume)
+    main = jax.process_index() == 0
+    mesh = make_run_mesh(cfg.mesh)
+    model, tok = load_model(cfg)
+    spec = spec_for(model, cfg.parts)
+    pam_cfg = spec.config
+    from pam_jax.checkpoint import flat_params
+
+    trainable, frozen = spec.split(flat_params(model))
+    del model
+    source = make_source(cfg, tok, pam_cfg, 0, jax.process_index(), jax.process_count())
+    seq_len = default_seq_len(cfg, source.num_visual if hasattr(source, "num_visual")
+                              else pam_cfg.image_embeds_len)  # fmt: skip
+    source.seq_len = seq_len
+    tx = make_optimizer(cfg, spec)
+    trainer = Trainer.build(cfg, spec, tx, mesh, num_sources=source.num_sources)
+    trainer.check_batch(cfg.batch_size)
+    frozen_dev = trainer.place_frozen(frozen)
+    ckpt = Checkpoints(wd, cfg.keep, best=bool(cfg.eval_data and cfg.eval_every))
+    runlog = RunLog(wd, cfg.steps, enabled=log and main)
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        last = ckpt.latest_step()
+        target = jax.eval_shape(lambda: trainer.init_state(trainable, cfg.seed))
+        state, data_state = ckpt.restore(last, target, trainer.state_shardings)
+        source.set_state(data_state)
+        start = int(jax.device_get(state.step))
+        runlog.truncate(start)
+    else:
+        state = trainer.init_state(trainable, cfg.seed)
+    peak = device_peak()
+    frames = pam_cfg.num_frames if cfg.data == "synthetic:video" else 1
+    runlog.start(start)
+    stopped = None
+    last_loss = None
+    t_prev = time.perf_counter()
+    step = start
+    with _Signals() as sig:
+        while step < cfg.steps:
+            local = next(source)
+            gb = batch_lib.global_batch(mesh, local)
+            state, m = trainer.step(state, frozen_dev, gb)
+            m = _host(m)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            if cfg.nan_check and not bool(m["finite"]):
+                ckpt.wait()
+                good = ckpt.latest_step()
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, "
+                    f"grad_norm {float(m['grad_norm'])}); last good checkpoint: "
+                    f"{'none' if good is None else ckpt.dir / str(good)}"
+                )
+            last_loss = float(m["loss"])
+            if step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                flops = model_flops(spec, float(m["positions"]), cfg.batch_size, seq_len, frames)
+                rec = {
+                    "step": step,
+                    "loss": last_loss,
+                    "learning_rate": float(m["learning_rate"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens_per_s": float(m["positions"]) / dt,
+                    "mfu": None if peak is None else flops / dt / (peak * len(mesh.devices.flat)),
+                    "tokens": int(m["tokens"]),
+                    "step_time_s": dt,
+                }
+                if source.num_sources > 1:
+                    for i, name in enumerate(getattr(source, "source_names", range(
+                            source.num_sources))):  # fmt: skip
+                        if m["source_tokens"][i] > 0:
+                            rec[f"loss/{name}"] = float(m["source_loss"][i])
+                runlog.log(rec)
+            runlog.advance()
+            step += 1
+            if sig.received is not None:
+                stopped = sig.received
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                ckpt.save(step, state, source.get_state(), cfg.to_dict())
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, source.get_state(), cfg.to_dict())
+    ckpt.close()
+    runlog.close()
+    summary = {"step": step, "loss": last_loss, "stopped_by_signal": stopped}
+    if stopped is None:
+        runlog.plot()
+        if cfg.export and main:
+            full = {**jax.device_get(state.params), **jax.device_get(frozen_dev)}
+            export_model(spec, full, wd / "export", tokenizer_dir=_tokenizer_dir(cfg))
+            summary["export"] = str(wd / "export")
+    return summary
+
+
+def _tokenizer_dir(cfg: TrainConfig):
+    for d in (Path(cfg.model) / "llm" if cfg.model else None, Path(cfg.llm) if cfg.llm else None):
+        if d is not None and d.is_dir() and any(d.glob("tokenizer*")):
+            return d
+    return None
+
+
+__all__ = ["TrainState", "train", "TrainingError"]
