@@ -1,17 +1,29 @@
-"""Sharding, declared once.
+"""Sharding: logical axis names on every tensor, a rules table per run, meshes, placement.
 
 Every parameter and every large activation carries *logical* axis names ("embed", "mlp",
-"heads", "vocab", "batch", ...). `RULES` maps them to the three mesh axes `data`, `fsdp`,
-`tensor`. Changing the parallelism of a model means editing this table, nothing else.
+"heads", "vocab", "batch", ...). A rules table maps them to the three mesh axes `data`, `fsdp`,
+`tensor`. `RULES` is the default table; a run chooses its own with the `axis_rules` context
+(as MaxText's `nn_partitioning.axis_rules`), which `logical_to_spec`, `constrain`,
+`state_shardings`, `place` and the loaders (`load_sam2`, `load_qwen2`, `load_pam` with `mesh=`)
+all read:
 
-Modules attach names with `P(...)` metadata (`nnx.Param(value, out_sharding=names)` or
-`kernel_metadata={"out_sharding": names}`) and constrain activations with `constrain(x, names)`,
-which is a no-op outside a mesh context so CPU tests and single-device runs need no mesh.
+    mesh = sharding.make_mesh((2, 4, 1))
+    with sharding.axis_rules(my_rules), jax.set_mesh(mesh):
+        model, cfg, tok = load_pam(d, mesh=mesh)      # every part placed by my_rules
+        step = jax.jit(train_step)                    # constraints traced under my_rules
+
+Rules are read when a function is *traced*: a jitted function keeps the rules it was traced
+under. Modules attach names with `nnx.Param(value, out_sharding=names)` or
+`kernel_metadata={"out_sharding": names}` and constrain activations with `constrain(x, names)`,
+a no-op outside a mesh context so CPU tests and single-device runs need no mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,8 +32,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+Target = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, Target], ...]
+
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). Ordered; first wins.
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+RULES: Rules = (
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -54,12 +69,52 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("spatial", None),
 )
 
+_ACTIVE: contextvars.ContextVar[Rules] = contextvars.ContextVar("pam_jax_axis_rules", default=RULES)
 
-def logical_to_spec(names: Sequence[str | None] | None, rules=RULES) -> PartitionSpec:
-    """Logical axis names -> PartitionSpec, never using a mesh axis twice."""
+
+def _check_rules(rules: Sequence[tuple[str, Target]] | Mapping[str, Target]) -> Rules:
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"a sharding rule must be (logical name, mesh axes), got {item!r}")
+        name, target = item
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if bad := [a for a in axes if a not in MESH_AXES]:
+            raise ValueError(f"rule {name!r} targets unknown mesh axes {bad}; use {MESH_AXES}")
+        out.append((name, target if isinstance(target, str) or target is None else tuple(axes)))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Sequence[tuple[str, Target]] | Mapping[str, Target]) -> Iterator[Rules]:
+    """Use `rules` (logical name -> mesh axes) inside the block, in pam-jax and in flax.
+
+    Names missing from `rules` are replicated. flax's `nnx.logical_axis_rules` is set to the
+    same table, so parameters created under `jax.set_mesh` are sharded consistently.
+    """
+    checked = _check_rules(rules)
+    token = _ACTIVE.set(checked)
+    try:
+        with nnx.logical_axis_rules(checked):
+            yield checked
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_rules() -> Rules:
+    """The rules table in effect (`RULES` outside any `axis_rules` block)."""
+    return _ACTIVE.get()
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None, rules: Sequence[tuple[str, Target]] | None = None
+) -> PartitionSpec:
+    """Logical axis names -> PartitionSpec under `rules` (default: `current_rules()`), never
+    using a mesh axis twice (a later dimension that would reuse one is replicated)."""
     if names is None:
         return PartitionSpec()
-    table = dict(rules)
+    table = dict(current_rules() if rules is None else rules)
     used: set[str] = set()
     out = []
     for n in names:
@@ -72,16 +127,30 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=RULES) -> Partitio
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    shape: Sequence[int] | None = None,
+    *,
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    axis_types: AxisType | Sequence[AxisType] = AxisType.Auto,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagates from annotations).
+    """A (data, fsdp, tensor) mesh with explicitly given axis types (default `Auto`: sharding
+    propagates from annotations and `constrain`; `jax.make_mesh` alone would pick Explicit).
 
-    One of the sizes may be -1: it takes the remaining devices.
+    `shape=(data, fsdp, tensor)` or the keywords; one size may be -1 (the remaining devices).
     """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+    if shape is not None:
+        if len(shape) != 3:
+            raise ValueError(f"mesh shape must be (data, fsdp, tensor), got {tuple(shape)}")
+        sizes = [int(s) for s in shape]
+    else:
+        sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive (or one -1), got {sizes}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
@@ -92,20 +161,24 @@ def make_mesh(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} devices, "
             f"have {len(devices)}"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (axis_types,) * 3 if isinstance(axis_types, AxisType) else tuple(axis_types)
+    if len(types) != 3:
+        raise ValueError(f"give one axis type or three, got {types}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types, devices=devices)
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None] | None) -> NamedSharding:
+    """NamedSharding on `mesh` for logical `names` under the current rules."""
     return NamedSharding(mesh, logical_to_spec(names))
 
 
-def _current_mesh() -> Mesh | None:
+def _current_mesh() -> Any | None:
     m = jax.sharding.get_abstract_mesh()
     return None if m is None or m.empty else m
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op when no mesh is set."""
+    """Sharding constraint by logical names (current rules); a no-op when no mesh is set."""
     mesh = _current_mesh()
     if mesh is None:
         return x
@@ -128,6 +201,35 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return named_sharding(mesh, names)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Put every Variable of `model` on `mesh` as its logical names map under the current
+    rules (in place; returns `model`). Unannotated Variables are replicated."""
+    state = nnx.state(model)
+    flat = []
+    for path, v in nnx.to_flat_state(state):
+        names = param_names(v) if isinstance(v, nnx.Variable) else None
+        nd = np.ndim(v.get_value())
+        if names is not None and len(names) != nd:
+            raise ValueError(f"{'.'.join(map(str, path))}: sharding names {names} != rank {nd}")
+        v.set_value(jax.device_put(v.get_value(), named_sharding(mesh, names)))
+        flat.append((path, v))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def misplaced_params(model: nnx.Module, mesh: Mesh) -> list[str]:
+    """Paths of parameters whose sharding is not what the current rules give on `mesh`."""
+    out = []
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Param):
+            x = v.get_value()
+            want = named_sharding(mesh, param_names(v))
+            got = getattr(x, "sharding", None)
+            if got is None or not want.is_equivalent_to(got, np.ndim(x)):
+                out.append("/".join(map(str, path)))
+    return out
 
 
 def unannotated_params(model: nnx.Module) -> list[str]:

@@ -10,6 +10,8 @@ from pam_jax.checkpoint import CheckpointError
 
 # HF config keys we understand; anything that changes the math and is not supported raises.
 _ARCHS = ("Qwen2ForCausalLM",)
+# remat policy names (qwen2.REMAT_POLICIES): "none" keeps every activation
+REMAT = ("none", "full", "dots", "dots_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Qwen2Config:
     pad_token_id: int | None = None
     # training / execution options (not part of the HF config)
     scan_layers: bool = False
-    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
+    # "none" | "full" | "dots" (save weight-matmul outputs) | "dots_all" (every matmul output)
+    remat: str = "none"
     # one-token decode attention: "auto" (Pallas flash-decoding kernel on GPU, XLA elsewhere),
     # "xla", "pallas", or "pallas_interpret" (the Pallas kernel interpreted, for CPU tests)
     decode_attention: str = "auto"
@@ -45,8 +48,8 @@ class Qwen2Config:
             )
         if self.decode_attention not in ("auto", "xla", "pallas", "pallas_interpret"):
             raise ValueError(f"unknown decode_attention {self.decode_attention!r}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
 
     @property
     def q_dim(self) -> int:

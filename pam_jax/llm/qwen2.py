@@ -15,9 +15,11 @@ each step (prompts are right-aligned in the cache by `sampler.generate`), so wri
 single `jax.lax.dynamic_update_slice` with a scalar index.
 
 Attention masks (argument `mask` of the decoder): a bool array [B, T, S] (True = may attend);
+`Segments(segment_ids)`: the training forward, causal within packed segments without a
+[B, T, T] buffer (`attention.attend`: chunked flash-style, cuDNN or splash);
 `PrefillLengths(lengths)`: causal over right-padded rows, the cache written right-aligned
-(cuDNN flash attention on GPU); or `(start, end)` per-row key ranges for a one-token step over
-the cache (a Pallas flash-decoding kernel on GPU, `cfg.decode_attention`).
+(the same kernels); or `(start, end)` per-row key ranges for a one-token step over the cache
+(a Pallas flash-decoding kernel on GPU, `cfg.decode_attention`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pam_jax.llm.config import Qwen2Config
+from pam_jax.llm import attention as attn
+from pam_jax.llm.config import REMAT, Qwen2Config
 from pam_jax.sharding import constrain
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -95,54 +98,16 @@ class PrefillLengths(NamedTuple):
     lengths: jax.Array
 
 
-def _decode_splits(s: int) -> tuple[int, int] | None:
-    """(k_splits, block_k) for the Pallas decode kernel over a cache of s slots, or None.
+class Segments(NamedTuple):
+    """Attention-mask marker for the training forward: causal within segments
+    (`segment_ids` [B, T], 0 = padding), by `attention.attend` (no [B, T, T] buffer)."""
 
-    The largest key block that still leaves >= 8 splits (or one per block on short caches):
-    on an H100 at PAM's 1280-slot cache (Qwen2.5-3B, batch 1) 10 x 128 ran 2.91 ms/step,
-    16 x 16 3.05, 2 x 128 3.16; at batch 32 the choices were within 2% of each other.
-    """
-    for bk in (128, 64, 32, 16):
-        blocks = s // bk
-        if s % bk == 0 and blocks >= 1:
-            ks = max(d for d in range(1, 17) if blocks % d == 0)
-            if ks >= 8 or ks == blocks:
-                return ks, bk
-    for ks in (16, 8, 4, 2):
-        n = s // ks
-        if s % ks == 0 and n >= 16 and n % 16 == 0:
-            return ks, next(bk for bk in (128, 64, 32, 16) if n % bk == 0)
-    return None
+    segment_ids: jax.Array
+    implementation: str = "auto"
+    packed: bool = False
 
 
-def _use_pallas(impl: str, cache_len: int) -> bool:
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl.startswith("pallas") and _decode_splits(cache_len) is not None
-
-
-def _pallas_decode(q, k, v, ranges, impl: str) -> jax.Array:
-    """Flash-decoding (split-K) GQA attention of one query token over the cache.
-
-    q [B, 1, H, D]; k, v [B, KV, S, D]; ranges = (start, end) per row. A Pallas (Triton) kernel
-    from jax.experimental: XLA's own decode attention is a chain of small latency-bound kernels.
-    """
-    from jax.experimental.pallas.ops.gpu.decode_attention import gqa
-
-    b, _, h, d = q.shape
-    ks, bk = _decode_splits(k.shape[2])
-    start, end = ranges
-    out = gqa(
-        q.reshape(b, h, d),
-        jnp.swapaxes(k, 1, 2),
-        jnp.swapaxes(v, 1, 2),
-        start_idx=start,
-        kv_seq_len=end,
-        k_splits=ks,
-        block_k=bk,
-        interpret=impl == "pallas_interpret",
-    )
-    return out.reshape(b, 1, h * d).astype(q.dtype)
+_decode_splits = attn.decode_splits  # the decode kernel's split rule (tests import it)
 
 
 class Qwen2Attention(nnx.Module):
@@ -176,8 +141,8 @@ class Qwen2Attention(nnx.Module):
         q = constrain(_apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(_apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        if isinstance(mask, PrefillLengths):  # right-padded causal prefill
-            return self._prefill(q, k, v, mask.lengths, kv)
+        if isinstance(mask, Segments | PrefillLengths):  # full-sequence causal attention
+            return self._full(q, k, v, mask, kv)
         k = jnp.swapaxes(k, 1, 2)  # [B, KV, T, D], the cache layout
         v = jnp.swapaxes(v, 1, 2)
         if kv is not None:
@@ -190,8 +155,12 @@ class Qwen2Attention(nnx.Module):
             if attend_cache:
                 k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
         if isinstance(mask, tuple):  # (start, end) key ranges of a one-token decode step
-            if attend_cache and t == 1 and _use_pallas(self.decode_attention, k.shape[2]):
-                out = _pallas_decode(q, k, v, mask, self.decode_attention)
+            if (
+                attend_cache
+                and t == 1
+                and attn.use_pallas_decode(self.decode_attention, k.shape[2])
+            ):
+                out = attn.decode_gqa(q, k, v, mask, self.decode_attention)
                 out = constrain(out, ("batch", "length", "act_heads"))
                 return self.o_proj(out), kv
             slots = jnp.arange(k.shape[2])
@@ -207,36 +176,23 @@ class Qwen2Attention(nnx.Module):
         out = constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), kv
 
-    def _prefill(self, q, k, v, lengths, kv):
-        """Causal attention over right-padded rows (row b valid in [:lengths[b]]); the cache
-        gets each row's keys/values shifted right by T - len, so all prompts end at slot T-1.
-
-        On GPU in bf16/fp16 this is cuDNN's fused flash attention (seq-length padding masks);
-        elsewhere XLA with an explicit mask.
+    def _full(self, q, k, v, mask: Segments | PrefillLengths, kv):
+        """Causal attention over the T new tokens by `attention.attend` (no [B, T, T] mask):
+        over segments (training), or over right-padded rows (prefill, row b valid in
+        [:lengths[b]]; cuDNN's fused flash attention on GPU in bf16/fp16). A prefill writes
+        each row's keys/values into the cache shifted right by T - len, so all prompts end at
+        slot T-1.
         """
         b, t, h, d = q.shape
-        fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-        if fused:
-            out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                is_causal=True,
-                query_seq_lengths=lengths,
-                key_value_seq_lengths=lengths,
-                implementation="cudnn",
-            )
+        if isinstance(mask, Segments):
+            seg, impl, packed, lengths = mask.segment_ids, mask.implementation, mask.packed, None
         else:
-            nkv = self.num_kv
-            slots = jnp.arange(t)
-            mask = (slots[:, None] >= slots[None, :])[None] & (slots < lengths[:, None])[:, None]
-            qg = q.reshape(b, t, nkv, h // nkv, d)
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores * (d**-0.5), _NEG)
-            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+            lengths = mask.lengths
+            seg = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
+            impl, packed = "auto", False
+        out = attn.attend(q, k, v, seg, implementation=impl, packed=packed)
         out = constrain(out.reshape(b, t, h * d), ("batch", "length", "act_heads"))
-        if kv is not None:
+        if kv is not None and lengths is not None:
             shift = t - lengths
 
             def to_cache(x, c):  # [B, T, KV, D] -> rows right-aligned, [B, KV, T, D]
@@ -279,8 +235,12 @@ class Qwen2DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed")), kv
 
 
-def _remat_policy(name: str):
-    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+# remat policies by name (config.REMAT): what each layer keeps for the backward pass
+REMAT_POLICIES = {
+    "full": None,  # nothing: the whole layer is recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmul outputs
+    "dots_all": jax.checkpoint_policies.dots_saveable,  # every matmul output
+}
 
 
 class Qwen2Model(nnx.Module):
@@ -319,19 +279,25 @@ class Qwen2Model(nnx.Module):
         cache: KVCache | None = None,
         cache_index=None,
         attend_cache: bool = False,
+        remat: str | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Decoder stack on embeddings x [B, T, H] -> (final-normed hidden states, cache)."""
+        """Decoder stack on embeddings x [B, T, H] -> (final-normed hidden states, cache).
+
+        `remat` (a `REMAT_POLICIES` name or "none") overrides `cfg.remat`.
+        """
         cfg = self.cfg
+        remat = cfg.remat if remat is None else remat
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose from {REMAT}")
         x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-        policy = _remat_policy(cfg.remat) if cfg.remat != "none" else None
 
         def run_layer(graphdef, state, h, kv):
             layer = nnx.merge(graphdef, state)
             return layer(h, cos, sin, mask, kv, cache_index, attend_cache)
 
-        if cfg.remat != "none":
-            run_layer = jax.checkpoint(run_layer, policy=policy, static_argnums=(0,))
+        if remat != "none":
+            run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[remat], static_argnums=(0,))
 
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -415,6 +381,34 @@ class Qwen2ForCausalLM(nnx.Module):
     ):
         """The decoder on embeddings; see `Qwen2Model.__call__`."""
         return self.model(inputs_embeds, positions, mask, cache, cache_index, attend_cache)
+
+    def hidden_states_train(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        attention: str = "auto",
+        remat: str | None = None,
+        packed: bool = False,
+    ) -> jax.Array:
+        """The training forward: embeddings [B, T, H], positions [B, T] int32 and segment_ids
+        [B, T] int32 (0 = padding; packed rows 1, 2, ...) -> final-normed hidden [B, T, H].
+
+        Causal within each segment, never materialising [B, T, T] (`attention.attend`:
+        "auto" | "chunked" | "cudnn" | "splash" | "dense"). `packed=True` says rows may hold
+        several segments (cuDNN cannot, so "auto" then picks the chunked path on GPU).
+        `remat` names a policy (`REMAT_POLICIES`, or "none"); None keeps `cfg.remat`.
+        """
+        if segment_ids.shape != inputs_embeds.shape[:2] or positions.shape != segment_ids.shape:
+            raise ValueError(
+                f"positions {positions.shape} and segment_ids {segment_ids.shape} must be "
+                f"[B, T] = {inputs_embeds.shape[:2]}"
+            )
+        attn.resolve(attention, self.dtype, packed=packed)  # fail before tracing the stack
+        mask = Segments(segment_ids.astype(jnp.int32), attention, packed)
+        h, _ = self.model(inputs_embeds, positions, mask, remat=remat)
+        return h
 
     def __call__(
         self,
