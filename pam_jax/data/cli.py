@@ -166,7 +166,7 @@ def sheet(src, k: int, out: str | os.PathLike, cell: int = 320) -> Path:
     font = viz.font(12)
     for j, i in enumerate(np.linspace(0, len(src) - 1, k).astype(int) if k else []):
         rec, frames = load_element(src[int(i)])
-        img = frames[0]
+        img = np.asarray(frames[0])
         hw = rec.orig_hw or img.shape[:2]
         a = rec.annotations[0]
         m = np.zeros(hw, bool) if a.mask is None else decode_mask(a.mask, hw).astype(bool)

@@ -243,6 +243,10 @@ def make_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     )
     if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it.batch(
         batch_size,

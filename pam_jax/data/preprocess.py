@@ -165,21 +165,35 @@ def tokenize_conversation(
 # -- pictures and masks --------------------------------------------------------------------------
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 [H, W, 3], EXIF orientation ignored (as the release)."""
+def open_image(data: bytes):
+    """Encoded bytes -> an RGB PIL image, EXIF orientation ignored (as the release)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        return im.convert("RGB")
 
 
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """PIL bicubic resize to size x size (SAM 2's loader); unchanged when already that size."""
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 [H, W, 3], EXIF orientation ignored (as the release)."""
+    return np.asarray(open_image(data))
+
+
+def picture_hw(img: Any) -> tuple[int, int]:
+    """(H, W) of a uint8 [H, W, 3] array or a PIL image."""
+    if hasattr(img, "height"):
+        return int(img.height), int(img.width)
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def resize_image(img: Any, size: int) -> np.ndarray:
+    """PIL bicubic resize to size x size (SAM 2's loader) -> uint8 [S, S, 3]; unchanged when
+    already that size. Takes an array or a PIL RGB image (no array round trip)."""
     from PIL import Image
 
-    if img.shape[:2] == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    if picture_hw(img) == (size, size):
+        return np.asarray(img)
+    im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+    return np.asarray(im.resize((size, size), Image.BICUBIC))
 
 
 def decode_mask(mask: Any, hw: tuple[int, int]) -> np.ndarray:
@@ -256,9 +270,9 @@ def make_example(
     cfg: PreprocessConfig,
     rng: np.random.Generator | None = None,
 ) -> Example:
-    """One record and its decoded pictures (uint8 [H, W, 3], one per `record.frames`; only the
-    chosen frames are read, so a lazy sequence works) -> Example. `rng=None` (or
-    cfg.augment False) is deterministic. Raises RecordError for a bad record."""
+    """One record and its decoded pictures (uint8 [H, W, 3] arrays or RGB PIL images, one per
+    `record.frames`; only the chosen frames are read, so a lazy sequence works) -> Example.
+    `rng=None` (or cfg.augment False) is deterministic. Raises RecordError for a bad record."""
     if len(images) != len(record.frames):
         raise ValueError(f"{len(record.frames)} frames in the record, {len(images)} images given")
     if not cfg.augment:
@@ -266,8 +280,8 @@ def make_example(
     s = cfg.image_size
     n = len(record.frames)
     index = select_frames(n, cfg.num_frames) if record.is_video else np.zeros(1, np.int64)
-    frames = [np.asarray(images[int(i)]) for i in index]
-    hw = record.orig_hw or tuple(int(v) for v in frames[0].shape[:2])
+    frames = [images[int(i)] for i in index]
+    hw = record.orig_hw or picture_hw(frames[0])
     pixels = np.stack([resize_image(f, s) for f in frames]).astype(np.uint8)
     ann0 = record.annotations[0]
     max_pts = cfg.max_video_points if record.is_video else cfg.max_image_points

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from pam_jax.data.prepare import REPORT, TFDS_SUBDIR, _resolve, iter_checked
-from pam_jax.data.preprocess import decode_image
+from pam_jax.data.preprocess import open_image
 from pam_jax.data.records import Record, RecordError, record_from_json, record_to_json
 
 
 class LazyFrames(Sequence):
-    """Encoded frames decoded on access (make_example reads only the frames it keeps)."""
+    """Encoded frames decoded on access to RGB PIL images (make_example reads only the frames
+    it keeps and resizes them without an array round trip)."""
 
     def __init__(self, frames: Sequence[bytes]):
         self._frames = frames
@@ -28,7 +29,7 @@ class LazyFrames(Sequence):
         return len(self._frames)
 
     def __getitem__(self, i):
-        return decode_image(self._frames[i])
+        return open_image(self._frames[i])
 
 
 def is_dataset_dir(path: str | os.PathLike) -> bool:

@@ -99,7 +99,7 @@ def test_image_size_and_masks_in_every_form(tmp_path, image_root):
     src = open_source(out)
     for i in range(3):
         rec, frames = load_element(src[i])
-        assert rec.orig_hw == (48, 64) and frames[0].shape == (32, 32, 3)
+        assert rec.orig_hw == (48, 64) and np.asarray(frames[0]).shape == (32, 32, 3)
         mask = rec.annotations[0].mask
         assert set(mask) == {"size", "counts"} and isinstance(mask["counts"], str)
         got = decode_mask(mask, (48, 64)).astype(bool)

@@ -1,0 +1,152 @@
+"""Data loader throughput: records / s of the full pipeline (read ArrayRecord, decode JPEG,
+PIL bicubic resize to S x S, prompt augmentation, chat template + label masking, collate into a
+static Batch). Host-only; no accelerator is touched.
+
+    python benchmarks/bench_data.py                       # 1024^2 images from 640x480 JPEGs
+    python benchmarks/bench_data.py --threads 16          # the GPU machine's 16 cores (threads)
+    python benchmarks/bench_data.py --workers 14          # ... or grain worker processes
+    python benchmarks/bench_data.py --videos 64 --records 0 --batch 2   # 16-of-32-frame videos
+    python benchmarks/bench_data.py --tiny --cpu          # smoke test (seconds)
+
+Synthetic records (random-texture JPEGs at --image-hw, COCO-like 640x480 by default; a box and
+5 points each; a ~40-word answer) are written with `pam-jax data prepare` into a temporary
+folder (not timed), then `make_dataset(..., shuffle=True, augment=True)` is iterated: the first
+--warmup batches are discarded, the next --batches timed. The tokenizer is a byte-level
+ChatML BPE without merges (every byte a token: more tokens than Qwen's, so a pessimistic
+tokenize cost). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ANSWER = (
+    "A brown tabby cat with white paws sits on a wooden chair near the window, its tail curled "
+    "around its legs, looking at something outside while the afternoon light falls across the "
+    "floor and the cushions behind it."
+)
+
+
+def write_records(d: Path, n_images: int, n_videos: int, hw: tuple[int, int], frames: int):
+    from PIL import Image
+
+    rs = np.random.RandomState(0)
+    h, w = hw
+    rows = []
+    base = rs.randint(0, 255, (h // 8, w // 8, 3), np.uint8)
+
+    def picture(path: Path, k: int) -> None:  # smooth texture: JPEG size like a photo's
+        img = np.roll(base, k, axis=1).repeat(8, 0).repeat(8, 1)
+        img = (img.astype(np.int16) + rs.randint(-20, 20, img.shape)).clip(0, 255)
+        Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+
+    box = [w * 0.2, h * 0.2, w * 0.4, h * 0.5]
+    pts = [[w * (0.25 + 0.05 * i), h * (0.3 + 0.04 * i)] for i in range(5)]
+    conv = [
+        {"from": "human", "value": "<image>\nProvide a concise caption for this subject."},
+        {"from": "gpt", "value": ANSWER},
+    ]
+    for i in range(n_images):
+        picture(d / f"img{i}.jpg", i)
+        rows.append(
+            {"type": "image", "image": f"img{i}.jpg", "conversations": conv, "bbox": box,
+             "points": pts, "labels": [1, 1, 0, 1, 0]}
+        )  # fmt: skip
+    for v in range(n_videos):
+        (d / f"v{v}").mkdir()
+        names = [f"{k:05d}.jpg" for k in range(frames)]
+        for k, name in enumerate(names):
+            picture(d / f"v{v}" / name, v + k)
+        rows.append(
+            {"type": "video", "image_root": f"v{v}", "frames": names, "masked_frames": names[:2],
+             "conversations": conv, "bbox": [box, box], "points": [pts[:3], pts[:3]],
+             "labels": [[1, 1, 0], [1, 1, 0]]}
+        )  # fmt: skip
+    jsonl = d / "records.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return jsonl
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--records", type=int, default=512, help="image records")
+    p.add_argument("--videos", type=int, default=0, help="video records")
+    p.add_argument("--video-frames", type=int, default=32, help="stored frames per video")
+    p.add_argument("--num-frames", type=int, default=16, help="frames per video sample")
+    p.add_argument("--image-hw", default="480,640", help="stored picture size H,W")
+    p.add_argument("--image-size", type=int, default=1024, help="model input size S")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", type=int, default=0, help="grain worker processes (0: threads)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="smoke test: few small records")
+    p.add_argument("--cpu", action="store_true", help="(accepted; the loader is host-only)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.records, args.videos, args.video_frames = 16, min(args.videos, 2), 6
+        args.image_hw, args.image_size, args.batch = "96,128", 128, 4
+        args.warmup, args.batches = 1, 4
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pam_jax.data.pipeline import make_dataset
+    from pam_jax.data.prepare import prepare
+    from pam_jax.data.preprocess import PreprocessConfig
+    from pam_jax.demo import demo_tokenizer
+
+    hw = tuple(int(v) for v in args.image_hw.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        jsonl = write_records(d, args.records, args.videos, hw, args.video_frames)
+        t0 = time.perf_counter()
+        rep = prepare([jsonl], d, d / "ds", workers=args.threads)
+        prep_s = time.perf_counter() - t0
+        cfg = PreprocessConfig(image_size=args.image_size, num_frames=args.num_frames)
+        ds = make_dataset(
+            d / "ds",
+            tokenizer=demo_tokenizer(),
+            cfg=cfg,
+            batch_size=args.batch,
+            seed=0,
+            shuffle=True,
+            augment=True,
+            num_threads=args.threads,
+            worker_count=args.workers,
+        )
+        it = iter(ds)
+        for _ in range(args.warmup):
+            b = next(it)
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            b = next(it)
+        dt = time.perf_counter() - t0
+    n = args.batches * args.batch
+    out = {
+        "bench": "data",
+        "records_per_s": round(n / dt, 1),
+        "batch_per_s": round(args.batches / dt, 2),
+        "batch": args.batch,
+        "threads": args.threads,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "stored_hw": list(hw),
+        "image_size": args.image_size,
+        "kinds": rep["written_by_kind"],
+        "num_frames": args.num_frames if args.videos else 1,
+        "seq_len": int(b.text_ids.shape[1]),
+        "batch_mb": round(sum(v.nbytes for v in vars(b).values()) / 2**20, 1),
+        "prepare_records_per_s": round(rep["written"] / prep_s, 1),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
