@@ -13,7 +13,8 @@ Synthetic records (random-texture JPEGs at --image-hw, COCO-like 640x480 by defa
 folder (not timed), then `make_dataset(..., shuffle=True, augment=True)` is iterated: the first
 --warmup batches are discarded, the next --batches timed. The tokenizer is a byte-level
 ChatML BPE without merges (every byte a token: more tokens than Qwen's, so a pessimistic
-tokenize cost). Prints one JSON line.
+tokenize cost). Prints one JSON line; `cpu_ms_per_record` (threads mode) is the pipeline's CPU
+cost per record, independent of how busy the machine is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ ANSWER = (
     "around its legs, looking at something outside while the afternoon light falls across the "
     "floor and the cushions behind it."
 )
+
+
+def byte_tokenizer():
+    """Byte-level BPE without merges plus the ChatML specials (Qwen2's structure)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pam_jax.llm.tokenizer import Tokenizer as PamTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PamTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
 
 
 def write_records(d: Path, n_images: int, n_videos: int, hw: tuple[int, int], frames: int):
@@ -99,7 +113,6 @@ def main(argv=None) -> int:
     from pam_jax.data.pipeline import make_dataset
     from pam_jax.data.prepare import prepare
     from pam_jax.data.preprocess import PreprocessConfig
-    from pam_jax.demo import demo_tokenizer
 
     hw = tuple(int(v) for v in args.image_hw.split(","))
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
         cfg = PreprocessConfig(image_size=args.image_size, num_frames=args.num_frames)
         ds = make_dataset(
             d / "ds",
-            tokenizer=demo_tokenizer(),
+            tokenizer=byte_tokenizer(),
             cfg=cfg,
             batch_size=args.batch,
             seed=0,
@@ -123,15 +136,19 @@ def main(argv=None) -> int:
         it = iter(ds)
         for _ in range(args.warmup):
             b = next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.batches):
             b = next(it)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = args.batches * args.batch
     out = {
         "bench": "data",
         "records_per_s": round(n / dt, 1),
         "batch_per_s": round(args.batches / dt, 2),
+        # CPU seconds of this process per record (threads mode: the whole pipeline's cost, which
+        # does not depend on how busy the machine is; 1 / this = records / s per free core)
+        "cpu_ms_per_record": None if args.workers else round(1000 * cpu / n, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
         "batch": args.batch,
         "threads": args.threads,
         "workers": args.workers,
