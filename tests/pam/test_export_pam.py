@@ -345,3 +345,33 @@ def test_save_pam_model_round_trips_untied(tmp_path):
         assert sorted(a) == sorted(b), sub
         for k in a:
             assert_bit_equal(a[k], b[k], f"{sub}/{k}")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(
+    "name", ["sam2.1_hiera_large", "sam2_hiera_large", "sam2.1_hiera_base_plus", "sam2_hiera_small"]
+)
+def test_sam2_export_table_inverts_import_at_real_sizes(name):
+    """The export table gives back every official tensor bit-exactly (SAM 2.1-L is PAM's)."""
+    import gc
+
+    from pam_jax.convert.sam2 import abstract_sam2, detect_config, map_state_dict
+    from pam_jax.convert.torch_nnx import nnx_to_torch_table
+    from sam2.build_sam import build_sam2
+
+    from pam_jax.sam2.config import OFFICIAL
+
+    size, version = OFFICIAL[name]
+    folder = "sam2.1" if version == "2.1" else "sam2"
+    torch.manual_seed(0)
+    m = build_sam2(f"configs/{folder}/{folder}_hiera_{size}.yaml", None, device="cpu")
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    del m
+    cfg = detect_config(sd)
+    params = map_state_dict(cfg, sd, what=name)
+    table = nnx_to_torch_table(abstract_sam2(cfg))
+    assert sorted(tk for tk, _ in table.values()) == sorted(sd)
+    for k, (tk, layout) in table.items():
+        assert_bit_equal(np.ascontiguousarray(layout(params[k])), sd[tk], tk)
+    del sd, params
+    gc.collect()
