@@ -205,6 +205,8 @@ def _prefix(key: str) -> str:
 def add_parser(conv_sub) -> argparse.ArgumentParser:
     p = conv_sub.add_parser(
         "pam",
+        usage="pam-jax convert pam PAM_DIR OUT_DIR --sam2 SAM2_CKPT.pt [--dtype D] [--force]\n"
+        "       pam-jax convert pam --export MODEL_DIR OUT_DIR [--dtype D] [--force]",
         help="an official PAM release directory plus SAM 2 weights",
         description="Convert an official PAM release directory (config.json, safetensors, "
         "tokenizer) and Meta's SAM 2.1 checkpoint into a pam-jax model directory. The SAM 2 "

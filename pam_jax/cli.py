@@ -26,8 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the commands' voice: a usage error is one line, `error: ...`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(cliutil.EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pam-jax",
         description="pam-jax: region-level perception (SAM 2 + PAM) in JAX.",
     )

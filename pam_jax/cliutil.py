@@ -46,7 +46,7 @@ DIR_MODE = 0o755
 T = TypeVar("T")
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A user-facing error: printed as `error: <message>` (one line), exit code `code`."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
@@ -92,7 +92,7 @@ def run_command(fn, args: argparse.Namespace) -> int:
 
 # flags whose values may start with "-" (a negative coordinate): `fix_negative_values` joins them
 # as "--point=-3,10" so argparse does not take "-3,10" for an option.
-COORD_FLAGS = ("--point", "--box")
+COORD_FLAGS = ("--point", "--box", "--input-ids")
 
 
 def fix_negative_values(argv: Sequence[str], flags: Sequence[str] = COORD_FLAGS) -> list[str]:
@@ -266,6 +266,12 @@ def mask_box(mask: np.ndarray) -> list[int] | None:
     if not len(xs):
         return None
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def mask_bbox(mask: np.ndarray) -> list[int] | None:
+    """The mask's bounding box as COCO's bbox [x, y, w, h], None for an empty mask."""
+    b = mask_box(mask)
+    return None if b is None else [b[0], b[1], b[2] - b[0], b[3] - b[1]]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from pam_jax.cliutil import (
+    CLIError,
+    add_dtype_argument,
+    add_sampling_arguments,
+    resolve_dtype,
+    sampling_from_args,
+    status,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,17 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="wrap each prompt as a user message with the tokenizer's chat template",
     )
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="HF-style penalty on tokens already seen (1 = off; Qwen2.5-Instruct's "
-        "generation config uses 1.05)",
-    )
+    add_sampling_arguments(p, max_new_tokens=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--stop-id",
@@ -46,12 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="extra stop token id (repeatable); the tokenizer's eos ids always stop",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="compute and weight dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)",
-    )
+    add_dtype_argument(p, what="the model (weights too)")
     p.add_argument(
         "--print-ids",
         action="store_true",
@@ -60,40 +53,44 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_ids(s: str) -> list[int]:
+def _parse_ids(s: str, vocab_size: int) -> list[int]:
     try:
         ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise SystemExit(
-            f"error: --input-ids must be comma-separated integers, got {s!r}"
-        ) from None
+        raise CLIError(f"--input-ids must be comma-separated integers, got {s!r}") from None
     if not ids:
-        raise SystemExit("error: --input-ids is empty")
+        raise CLIError("--input-ids is empty")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise CLIError(
+            f"--input-ids: token id(s) {bad[:5]} outside the vocabulary (0 .. {vocab_size - 1})"
+        )
     return ids
 
 
 def run(args) -> int:
-    import jax
-    import jax.numpy as jnp
+    import time
+
     import numpy as np
 
-    from pam_jax.checkpoint import CheckpointError
-    from pam_jax.llm.io import load_qwen2
-    from pam_jax.llm.sampler import SamplingParams, generate
+    from pam_jax.llm.io import load_qwen2, read_config
+    from pam_jax.llm.sampler import generate
 
-    if args.dtype == "auto":
-        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    else:
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    try:
-        model, cfg, tok = load_qwen2(args.model, dtype)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = read_config(args.model)
+    # the inputs are checked before the weights are read
+    seqs = (
+        None if args.input_ids is None else [_parse_ids(s, cfg.vocab_size) for s in args.input_ids]
+    )
+    bad_stop = [i for i in (args.stop_id or []) if not 0 <= i < cfg.vocab_size]
+    if bad_stop:
+        raise CLIError(
+            f"--stop-id {bad_stop[0]} is outside the vocabulary (0 .. {cfg.vocab_size - 1})"
+        )
+    status(f"loading {args.model}")
+    model, cfg, tok = load_qwen2(args.model, resolve_dtype(args.dtype))
     if args.prompt is not None:
         if tok is None:
-            print(f"error: {args.model} has no tokenizer; use --input-ids", file=sys.stderr)
-            return 2
+            raise CLIError(f"{args.model} has no tokenizer; use --input-ids")
         seqs = []
         for text in args.prompt:
             if args.chat:
@@ -101,11 +98,8 @@ def run(args) -> int:
                 msgs.append({"role": "user", "content": text})
                 text = tok.apply_chat_template(msgs, add_generation_prompt=True)
             seqs.append(tok.encode(text))
-    else:
-        seqs = [_parse_ids(s) for s in args.input_ids]
     if any(len(s) == 0 for s in seqs):
-        print("error: a prompt tokenizes to no tokens", file=sys.stderr)
-        return 2
+        raise CLIError("a prompt tokenizes to no tokens")
     lengths = np.array([len(s) for s in seqs])
     ids = np.zeros((len(seqs), lengths.max()), np.int32)
     for i, s in enumerate(seqs):
@@ -116,27 +110,27 @@ def run(args) -> int:
         stops += [e for e in eos if e not in stops]
     stops += [s for s in (args.stop_id or []) if s not in stops]
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    try:
-        sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
-        out = generate(
-            model,
-            input_ids=ids,
-            prompt_lengths=lengths,
-            max_new_tokens=args.max_new_tokens,
-            sampling=sampling,
-            stop_ids=stops,
-            pad_id=pad,
-            rng=args.seed,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sampling = sampling_from_args(args, tok)
+    # one jitted while_loop decodes every token: the tokens / s come at the end
+    status(f"generating up to {args.max_new_tokens} tokens for {len(seqs)} sequence(s)")
+    t0 = time.perf_counter()
+    out = generate(
+        model,
+        input_ids=ids,
+        prompt_lengths=lengths,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        stop_ids=stops,
+        pad_id=pad,
+        rng=args.seed,
+    )
+    n_new = int(np.asarray(out.lengths).sum())
+    dt = time.perf_counter() - t0
+    status(f"{n_new} tokens in {dt:.1f} s ({n_new / max(dt, 1e-9):.1f} tokens/s, with compilation)")
     for row, n in zip(out.tokens, out.lengths):
         gen = [int(x) for x in row[: int(n)]]
-        if args.print_ids:
+        if args.print_ids or tok is None:
             print(",".join(map(str, gen)))
-        elif tok is not None:
-            print(tok.decode(gen))
         else:
-            print(",".join(map(str, gen)))
+            print(tok.decode(gen))
     return 0

@@ -19,37 +19,58 @@ video clip by clip (N frames each), each clip carrying the previous clip's capti
 (`describe_stream`); --clip-ends E1,E2,... gives the clip ends explicitly and --history the
 caption of an earlier clip (extras).
 
-Outputs: PREFIX.png (the masks overlaid, each region's text drawn beside it), PREFIX.json (text,
-object scores, mask file names), PREFIX_mask<i>.png; for video PREFIX_frames/<t>.png overlays,
-PREFIX_masks/<t>.png masks and the animation PREFIX.gif. Prints one line per region / clip
-(JSON with --json). Decoding: greedy with the checkpoint's repetition penalty unless
---temperature > 0. Bad input (a region outside the image, an empty prompt, a model directory
-without weights) is a one-line error and exit code 2.
+Outputs (PREFIX "out/cat" -> out/cat.*; a PREFIX ending in "/" is a folder, named after the
+input): PREFIX.png (the masks overlaid, each region's text drawn beside it), PREFIX.json (per
+region: the prompt, text, object score, mask area, bbox [x, y, w, h], COCO RLE `segmentation`,
+mask file), PREFIX_mask<i>.png; for video PREFIX_frames/<t>.png overlays, PREFIX_masks/<t>.png
+masks and the animation PREFIX.gif. Prints each region's / clip's text on stdout (JSON lines
+with --json) and the files written on stderr. Decoding: greedy with the model's repetition
+penalty (its generation_config.json) unless --temperature > 0. Bad input (a region outside the
+image, an empty prompt, a model directory without weights) is a one-line error and exit code 2,
+found before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pam_jax.checkpoint import CheckpointError
+from pam_jax.cliutil import (
+    CLIError,
+    add_dtype_argument,
+    add_sampling_arguments,
+    mask_bbox,
+    mask_rle,
+    output_prefix,
+    parse_box,
+    parse_point,
+    read_image,
+    read_mask,
+    resolve_dtype,
+    sampling_from_args,
+    status,
+    write_json,
+    write_mask_png,
+)
 from pam_jax.pam.prompts import CLI_TASKS
 
-LABEL_CHARS = 60  # text drawn on overlays is cut here (the JSON has all of it)
+# The command's task names (the one table: pam_jax.pam.prompts.CLI_TASKS maps them to the
+# prompts); JSON outputs name the task as given here.
+IMAGE_TASKS = ("recognize", "explain", "caption", "detailed-caption")
+VIDEO_TASKS = ("caption",)
+LANGS = ("en", "zh", "ch")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from pam_jax.sam2.cli import parse_box, parse_point
-
     p = sub.add_parser(
         "predict",
         help="recognize, explain and caption regions with PAM",
         description="Describe image or video regions with a PAM model directory "
-        "(pam-jax convert pam). Coordinates are pixels of the original image.",
+        "(pam-jax convert pam). Coordinates are pixels of the image as a viewer shows it "
+        "(EXIF orientation applied); within 1 pixel outside the edge they are moved onto it.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="PAM model directory")
     src = p.add_mutually_exclusive_group(required=True)
@@ -65,28 +86,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a region's box (repeatable: one region per box)")  # fmt: skip
     p.add_argument("--point", type=parse_point, action="append", default=[],
                    metavar="X,Y[,LABEL]", help="a click (repeatable)")  # fmt: skip
-    p.add_argument("--mask-input", metavar="PNG", help="a mask prompt (nonzero = object)")
+    p.add_argument("--mask-input", metavar="PNG",
+                   help="a mask prompt: a picture of the same size as the image (or the "
+                   "video's frames), non-zero = object")  # fmt: skip
     p.add_argument("--regions", metavar="REGIONS.json", help="several regions, one prompt each")
-    p.add_argument("--task", default=None,
-                   help="recognize | explain | caption | detailed-caption (default "
-                   "detailed-caption; videos: caption)")  # fmt: skip
-    p.add_argument("--lang", default="en", choices=["en", "zh", "ch"], help="prompt language")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="default: the checkpoint's generation_config.json")  # fmt: skip
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="compute dtype of SAM 2 and the perceiver (the LLM: --llm-dtype)",
-    )
-    p.add_argument("--llm-dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="LLM parameter and compute dtype")  # fmt: skip
+    p.add_argument("--task", default=None, choices=IMAGE_TASKS,
+                   help="images: recognize | explain | caption | detailed-caption (default "
+                   "detailed-caption); videos: caption (the default)")  # fmt: skip
+    p.add_argument("--lang", default="en", choices=LANGS,
+                   help="language of the prompt and answer: en (English, default) or zh "
+                   "(Chinese; ch, the release's name for it, is accepted too)")  # fmt: skip
+    add_sampling_arguments(p, max_new_tokens=512)
+    add_dtype_argument(p, what="SAM 2 and the perceiver")
+    add_dtype_argument(p, "--llm-dtype", what="the LLM (weights too)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
-    p.add_argument("--out", metavar="PREFIX", help="write PREFIX.json, PREFIX.png and masks")
+    p.add_argument(
+        "--out", metavar="PREFIX",
+        help="write PREFIX.json, PREFIX.png and masks (a trailing / = folder)",
+    )  # fmt: skip
     return p
 
 
@@ -102,32 +119,17 @@ def regions_from_args(boxes: list, points: list) -> list[dict]:
     return regions
 
 
-def load_mask_png(path: str | Path, hw: tuple[int, int]) -> np.ndarray:
-    """A mask prompt file -> bool [H, W] (nonzero in any channel = object)."""
-    from PIL import Image
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"mask {p}: no such file")
-    try:
-        with Image.open(p) as im:
-            m = np.asarray(im.convert("L")) > 0
-    except OSError as e:
-        raise ValueError(f"mask {p} is not a readable image: {e}") from None
-    if m.shape != tuple(hw):
-        raise ValueError(f"mask {p} is {m.shape[1]}x{m.shape[0]}, the image {hw[1]}x{hw[0]}")
-    return m
-
-
 def read_regions(path: str | Path, hw: tuple[int, int]) -> tuple[list[dict], list[str | None]]:
     """REGIONS.json: a list of {"box"?, "points"?, "labels"?, "mask"?} objects (or
     {"regions": [...]}); mask file names are relative to the JSON file. Returns the regions
     (masks loaded as bool arrays) and each region's mask file name (None without a mask)."""
     p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"regions file {p} is a folder, not a file")
     try:
         data = json.loads(p.read_text())
     except OSError as e:
-        raise ValueError(f"regions file {p}: {e.strerror or e}") from None
+        raise CLIError(f"regions file {p}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"regions file {p} is not valid JSON: {e}") from None
     if isinstance(data, dict) and "regions" in data:
@@ -139,22 +141,18 @@ def read_regions(path: str | Path, hw: tuple[int, int]) -> tuple[list[dict], lis
         r = dict(r)
         names.append(None if r.get("mask") is None else str(r["mask"]))
         if r.get("mask") is not None:
-            r["mask"] = load_mask_png(p.parent / r["mask"], hw)
+            r["mask"] = read_mask(p.parent / r["mask"], hw, "mask")
         out.append(r)
     return out, names
 
 
 def _task(args: argparse.Namespace) -> str:
-    t = args.task
+    """The prompt table's task for the command's --task (videos: caption only)."""
     if args.video:
-        if t in (None, "caption", "detailed-caption", "video-caption", "video_caption"):
-            return "video_caption"
-        if t.startswith("video_cap"):
-            return t
-        raise ValueError(f"--task {t}: videos support captioning only (caption)")
-    if t is None:
-        return "detailed_caption"
-    return CLI_TASKS.get(t, t)
+        if args.task not in (None, *VIDEO_TASKS):
+            raise CLIError(f"--task {args.task}: videos take --task caption (the default)")
+        return "video_caption"
+    return CLI_TASKS.get(args.task or "detailed-caption", args.task)
 
 
 def _prompt_regions(
@@ -174,7 +172,7 @@ def _prompt_regions(
     if args.regions:
         return read_regions(args.regions, hw)
     if args.mask_input:
-        return [{"mask": load_mask_png(args.mask_input, hw)}], [args.mask_input]
+        return [{"mask": read_mask(args.mask_input, hw, "--mask-input")}], [args.mask_input]
     regions = regions_from_args(args.box, args.point)
     return regions, [None] * len(regions)
 
@@ -196,100 +194,97 @@ def _clip_ends(args: argparse.Namespace, n: int) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (CheckpointError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()
-        print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-
-    from pam_jax.llm.sampler import SamplingParams
-    from pam_jax.pam import prompts
     from pam_jax.pam.model import load_pam
-    from pam_jax.pam.predictor import PAMPredictor, region_prompts
-    from pam_jax.sam2.cli import load_image
+    from pam_jax.pam.predictor import PAMPredictor
+    from pam_jax.pam.prompts import task_prompt
+    from pam_jax.sam2.prompts import prompt_from_region
 
     if (args.stream or args.clip_frames or args.clip_ends or args.history) and not args.video:
-        raise ValueError("--stream / --clip-frames / --clip-ends / --history need --video")
+        raise CLIError("--stream / --clip-frames / --clip-ends / --history need --video")
     task = _task(args)
-    prompts.task_prompt(task, args.lang, args.history if args.video else None)
-    # everything about the input is checked before the (slow) model load
+    args.task_name = "caption" if args.video else (args.task or "detailed-caption")
+    args.lang = "zh" if args.lang == "ch" else args.lang
+    task_prompt(task, args.lang, args.history if args.video else None)
+    # everything about the input and the outputs is checked before the (slow) model load
     if args.video:
         frames = _load_frames(args.video)
         if not frames:
-            raise ValueError(f"video {args.video}: no frames")
+            raise CLIError(f"video {args.video}: no frames")
         image = frames[0]
     else:
-        frames, image = None, load_image(args.image)
+        frames, image = None, read_image(args.image)
     hw = image.shape[:2]
     regions, mask_names = _prompt_regions(args, hw)
     if args.video and len(regions) != 1:
-        raise ValueError("a video takes one region (one --box and / or clicks, or one mask)")
-    region_prompts(regions, hw, 1024)  # validates (outside the image, empty, bad labels)
+        raise CLIError("a video takes one region (one --box and / or clicks, or one mask)")
+    for i, r in enumerate(regions):
+        prompt_from_region(r, image_hw=hw, index=i)  # outside the image, empty, bad labels
     clip_ends = _clip_ends(args, len(frames)) if frames is not None else None
+    prefix = None
+    if args.out:
+        stem = Path(args.video or args.image).stem or "predict"
+        prefix = output_prefix(args.out, default_stem=stem, suffixes=(".json", ".png"))
 
-    dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    llm_dt = jnp.float32 if args.llm_dtype == "float32" else jnp.bfloat16
+    status(f"loading {args.model}")
+    dt, llm_dt = resolve_dtype(args.dtype), resolve_dtype(args.llm_dtype)
     model, _, tok = load_pam(args.model, dtype=dt, llm_dtype=llm_dt)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer (llm/tokenizer.json)")
-    penalty = args.repetition_penalty
-    if penalty is None:
-        penalty = float((tok.generation_config or {}).get("repetition_penalty", 1.0))
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, penalty)
+        raise CLIError(f"{args.model} has no tokenizer (llm/tokenizer.json)")
+    sampling = sampling_from_args(args, tok)
     pred = PAMPredictor(model, tok, sampling=sampling, max_new_tokens=args.max_new_tokens)
     if frames is not None:
-        return _run_video(args, pred, frames, regions[0], mask_names[0], task, clip_ends)
-    results = pred.describe_image(image, regions, task, args.lang)
-
-    out = Path(args.out) if args.out else None
-    rows = []
-    for i, (r, res) in enumerate(zip(regions, results)):
-        row = {k: v for k, v in r.items() if k != "mask"}
-        if mask_names[i] is not None:
-            row["mask_input"] = mask_names[i]
-        row |= {"text": res.text, "token_ids": res.token_ids,
-                "object_score": round(res.score, 4), "mask_area": int(res.mask.sum())}  # fmt: skip
-        if out is not None:
-            mask_path = out.with_name(f"{out.name}_mask{i}.png")
-            row["mask_file"] = _save_mask(res.mask, mask_path, out.parent)
-        rows.append(row)
-        print(json.dumps(row, ensure_ascii=False) if args.json else res.text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(out, {"image": str(args.image), "task": task, "lang": args.lang,
-                          "regions": rows})  # fmt: skip
-        vis = _overlay(image, [res.mask for res in results], [res.text for res in results],
-                       regions)  # fmt: skip
-        vis.save(out.with_name(out.name + ".png"))
+        status(f"tracking and describing {len(frames)} frames")
+        written = _run_video(args, pred, frames, regions[0], mask_names[0], task, clip_ends, prefix)
+    else:
+        status(f"describing {len(regions)} region(s)")
+        results = pred.describe_image(image, regions, task, args.lang)
+        written = _write_image(args, prefix, image, regions, mask_names, results)
+    if written:
+        status("wrote " + ", ".join(written))
     return 0
 
 
-def _write_json(out: Path, data: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").write_text(json.dumps(data, ensure_ascii=False, indent=2))
+def _write_image(args, prefix, image, regions, mask_names, results) -> list[str]:
+    rows = []
+    for i, (r, res) in enumerate(zip(regions, results)):
+        row = {k: (np.asarray(v).tolist() if k != "mask" else None) for k, v in r.items()}
+        row.pop("mask", None)
+        if mask_names[i] is not None:
+            row["mask_input"] = mask_names[i]
+        row |= {"text": res.text, "token_ids": res.token_ids,
+                "object_score_logit": round(float(res.score), 4),
+                "area": int(res.mask.sum()), "bbox": mask_bbox(res.mask)}  # fmt: skip
+        if prefix is not None:
+            row["segmentation"] = mask_rle(res.mask)
+            row["file"] = prefix.rel(write_mask_png(res.mask, prefix.path(f"_mask{i}.png")))
+        rows.append(row)
+        line = {k: v for k, v in row.items() if k != "segmentation"}
+        print(json.dumps(line, ensure_ascii=False) if args.json else res.text)
+    if prefix is None:
+        return []
+    h, w = image.shape[:2]
+    vis = _overlay(image, [res.mask for res in results], [res.text for res in results], regions)
+    vis.save(prefix.path(".png"))
+    write_json(prefix.path(".json"), {
+        "image": str(args.image), "width": w, "height": h, "task": args.task_name,
+        "lang": args.lang, "regions": rows,
+        "files": {"overlay": prefix.rel(prefix.path(".png"))},
+    })  # fmt: skip
+    return [str(prefix.path(".png")), *(str(prefix.folder / r["file"]) for r in rows),
+            str(prefix.path(".json"))]  # fmt: skip
 
 
-def _save_mask(mask: np.ndarray, path: Path, base: Path) -> str:
-    """Write a bool mask as a 0 / 255 PNG; returns its name relative to `base`."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-    return str(path.relative_to(base))
-
-
-def _label(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+def _anchor(region: dict) -> tuple[float, float] | None:
+    """Where a region's label goes when its mask is empty: its box corner or first click."""
+    if region.get("box") is not None:
+        return tuple(region["box"][:2])
+    pts = region.get("points")
+    return tuple(np.asarray(pts, np.float32).reshape(-1, 2)[0]) if pts else None
 
 
 def _overlay(image, masks, texts, regions):
-    """The masks overlaid, each region's text beside it (right of its mask's bounding box)."""
+    """The masks overlaid, each region's text beside it (right of its mask's bounding box; at
+    its prompt when the mask is empty)."""
     from pam_jax.viz import overlay_masks
 
     xy = []
@@ -300,7 +295,8 @@ def _overlay(image, masks, texts, regions):
     pts = [p for r in regions for p in (r.get("points") or [])]
     pl = [lab for r in regions for lab in (r.get("labels") or [1] * len(r.get("points") or []))]
     return overlay_masks(
-        image, masks, labels=[_label(t) or None for t in texts], label_xy=xy,
+        image, masks, labels=[t or None for t in texts], label_xy=xy,
+        anchors=[_anchor(r) for r in regions] if len(regions) == len(masks) else None,
         boxes=boxes or None, points=pts or None, point_labels=pl or None,
     )  # fmt: skip
 
@@ -314,7 +310,7 @@ def _load_frames(path: str) -> list:
     p = Path(path)
     if p.suffix.lower() == ".mp4":
         if not p.is_file():
-            raise ValueError(f"video {p}: no such file")
+            raise CLIError(f"video {p}: no such file")
         return list(iter_mp4_frames(p))
     out = []
     for fp in list_jpeg_frames(p):
@@ -323,15 +319,16 @@ def _load_frames(path: str) -> list:
     return out
 
 
-def _run_video(args, pred, frames, region, mask_name, task, clip_ends) -> int:
+def _run_video(args, pred, frames, region, mask_name, task, clip_ends, prefix) -> list[str]:
+    from pam_jax.cliutil import progress
+
     if clip_ends:
         results = pred.describe_stream(frames, region, clip_ends, args.lang)
         starts = [0, *clip_ends[:-1]]
     else:
         results = [pred.describe_video(frames, region, task, args.lang, history=args.history)]
         starts = [0]
-    out = Path(args.out) if args.out else None
-    prompt = {k: v for k, v in region.items() if k != "mask"}
+    prompt = {k: np.asarray(v).tolist() for k, v in region.items() if k != "mask"}
     if mask_name is not None:
         prompt["mask_input"] = mask_name
     rows = []
@@ -340,27 +337,36 @@ def _run_video(args, pred, frames, region, mask_name, task, clip_ends) -> int:
             **prompt, "first_frame": s, "last_frame": s + len(res.masks) - 1, "text": res.text,
             "token_ids": res.token_ids,
             "frames_fed": [s + int(f) for f in res.frames],
-            "object_scores": [round(float(x), 4) for x in res.scores],
+            "object_score_logits": [round(float(x), 4) for x in res.scores],
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False) if args.json else res.text)
-    if out is None:
-        return 0
+    if prefix is None:
+        return []
     masks = np.concatenate([r.masks for r in results])
     texts = [r.text for r in results for _ in range(len(r.masks))]  # each clip's caption
-    mask_dir = out.with_name(out.name + "_masks")
-    frame_dir = out.with_name(out.name + "_frames")
+    mask_dir = prefix.path("_masks")
+    frame_dir = prefix.path("_frames")
     frame_dir.mkdir(parents=True, exist_ok=True)
-    mask_files, pics = [], []
-    for t, (frame, m, text) in enumerate(zip(frames, masks, texts)):
-        mask_files.append(_save_mask(m, mask_dir / f"{t:05d}.png", out.parent))
+    per_frame, pics = [], []
+    items = list(zip(frames, masks, texts))
+    for t, (frame, m, text) in progress(enumerate(items), total=len(items), desc="writing",
+                                        unit="frame"):  # fmt: skip
+        mfile = write_mask_png(m, mask_dir / f"{t:05d}.png")
         vis = _overlay(frame, [m], [text], [region] if t == 0 else [{}])
         vis.save(frame_dir / f"{t:05d}.png")
         pics.append(vis)
-    pics[0].save(out.with_name(out.name + ".gif"), save_all=True, append_images=pics[1:],
-                 duration=100, loop=0)  # fmt: skip
-    _write_json(out, {"video": str(args.video), "task": task, "lang": args.lang, "clips": rows,
-                      "mask_files": mask_files, "frame_files": [
-                          str(Path(frame_dir.name) / f"{t:05d}.png") for t in range(len(masks))],
-                      "animation": out.name + ".gif"})  # fmt: skip
-    return 0
+        per_frame.append({
+            "frame": t, "area": int(m.sum()), "bbox": mask_bbox(m), "segmentation": mask_rle(m),
+            "file": prefix.rel(mfile), "overlay": prefix.rel(frame_dir / f"{t:05d}.png"),
+        })  # fmt: skip
+    anim = prefix.path(".gif")
+    pics[0].save(anim, save_all=True, append_images=pics[1:], duration=100, loop=0)
+    h, w = frames[0].shape[:2]
+    write_json(prefix.path(".json"), {
+        "video": str(args.video), "width": w, "height": h, "task": args.task_name,
+        "lang": args.lang, "clips": rows, "frames": per_frame,
+        "files": {"animation": prefix.rel(anim), "masks": prefix.rel(mask_dir),
+                  "overlays": prefix.rel(frame_dir)},
+    })  # fmt: skip
+    return [f"{frame_dir}/*.png", f"{mask_dir}/*.png", str(anim), str(prefix.path(".json"))]

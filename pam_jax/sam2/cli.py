@@ -3,51 +3,45 @@
     pam-jax segment --model DIR --image IMG [--point X,Y[,LABEL]]... [--box X1,Y1,X2,Y2]
                     [--mask-input MASK] [--multimask] --out PREFIX [--save-logits]
 
-Writes PREFIX.png (the image with the masks overlaid), PREFIX.json (IoU predictions, object
-score, mask sizes) and, with --save-logits, PREFIX_logits.npy: the low-resolution mask logits
-[M, 4h, 4w] float32 (M x 256 x 256 at the default size), the third value of the official
-`SAM2ImagePredictor.predict(..., return_logits=True)` for the same image and prompt.
+Writes (PREFIX "out/cat" -> out/cat.*; a PREFIX ending in "/" is a folder: "out/" -> out/<image
+name>.*):
+- PREFIX.png: the image with the best mask (highest predicted IoU) overlaid, and the prompt;
+- PREFIX_mask<i>.png: each mask as a black / white PNG at the image's size (i = the model's
+  output order; one mask, or three candidates with --multimask);
+- with --multimask, PREFIX_candidate<i>.png: one overlay per candidate, labelled with its score;
+- PREFIX.json: the prompt, each mask's score (predicted IoU), area, bbox [x, y, w, h] and COCO
+  RLE `segmentation`, the object score, and the files written (names relative to the JSON);
+- with --save-logits, PREFIX_logits.npy: the low-resolution mask logits [M, 4h, 4w] float32 (M x
+  256 x 256 at the default size), the third value of the official
+  `SAM2ImagePredictor.predict(..., return_logits=True)` for the same image and prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pam_jax.checkpoint import CheckpointError
+from pam_jax.cliutil import (
+    CLIError,
+    add_dtype_argument,
+    mask_bbox,
+    mask_rle,
+    output_prefix,
+    parse_box,
+    parse_point,
+    read_image,
+    read_mask,
+    resolve_dtype,
+    status,
+    write_json,
+    write_mask_png,
+)
 
+__all__ = ["add_parser", "load_mask_input", "parse_box", "parse_point", "run", "segment"]
 
-def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) not in n or not all(np.isfinite(vals)):
-        raise argparse.ArgumentTypeError(f"{what} must be {_forms[what]}, got {text!r}")
-    return vals
-
-
-_forms = {"point": "X,Y or X,Y,LABEL (LABEL 1 or 0)", "box": "X1,Y1,X2,Y2"}
-
-
-def parse_point(text: str) -> tuple[float, float, int]:
-    """ "X,Y" or "X,Y,LABEL" -> (x, y, label); LABEL is 1 (positive, default) or 0 (negative)."""
-    v = _floats(text, (2, 3), "point")
-    label = 1 if len(v) == 2 else v[2]
-    if label not in (0, 1):
-        raise argparse.ArgumentTypeError(
-            f"point label must be 1 (positive) or 0 (negative): {text!r}"
-        )
-    return v[0], v[1], int(label)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = _floats(text, (4,), "box")
-    return x1, y1, x2, y2
+load_image = read_image  # the old name (pam_jax.demo); new code uses cliutil.read_image
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -55,7 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "segment",
         help="segment an image with SAM 2 (points, box, mask)",
         description="Segment one image with a converted SAM 2 model. Coordinates are pixels of "
-        "the original image.",
+        "the image as a viewer shows it (EXIF orientation applied); points or box corners "
+        "within 1 pixel outside the edge are moved onto it.",
     )
     p.add_argument(
         "--model", required=True, metavar="DIR", help="model directory (pam-jax convert sam2)"
@@ -65,93 +60,99 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
         help="a click; LABEL 1 = positive (default), 0 = negative. Repeatable.",
     )  # fmt: skip
-    p.add_argument("--box", type=parse_box, metavar="X1,Y1,X2,Y2", help="a box prompt")
+    p.add_argument(
+        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
+        help="a box prompt (corners; one per run)",
+    )  # fmt: skip
     p.add_argument(
         "--mask-input", metavar="MASK",
-        help="mask prompt: a .npy of low-res logits (e.g. an earlier PREFIX_logits.npy; its "
-        "first mask is used) or an image (non-zero = object) at any size, turned into +-10 logits",
+        help="mask prompt: a picture of the same size as --image (non-zero = object), or a .npy "
+        "of low-resolution logits (e.g. an earlier PREFIX_logits.npy; its first mask is used)",
     )  # fmt: skip
-    p.add_argument("--multimask", action="store_true", help="return 3 candidate masks")
     p.add_argument(
-        "--out", required=True, metavar="PREFIX", help="output prefix (PREFIX.png, .json)"
-    )
+        "--multimask", action="store_true",
+        help="return 3 candidate masks (one picture each, with its score)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True, metavar="PREFIX",
+        help="output prefix: PREFIX.png, PREFIX.json, PREFIX_mask<i>.png (a trailing / = folder)",
+    )  # fmt: skip
     p.add_argument("--save-logits", action="store_true", help="also write PREFIX_logits.npy")
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
-        help="compute dtype (bfloat16 on accelerators)",
-    )  # fmt: skip
+    add_dtype_argument(p)
     return p
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; ValueError with the reason when the file is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"image {p}: no such file")
-    try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"image {p} is not a readable image: {e}") from None
 
 
 def load_mask_input(path: str | Path, orig_hw: tuple[int, int], low_res: int) -> np.ndarray:
     """A mask prompt as low-res logits [1, low_res, low_res] (see --mask-input)."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"mask input {p}: no such file")
-    if p.suffix.lower() == ".npy":
-        try:
-            m = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"mask input {p} is not a readable .npy file: {e}") from None
-        m = np.asarray(m, np.float32)
-        while m.ndim > 2 and m.shape[0] >= 1:
-            m = m[0]  # the first mask of an [M, h, w] (or [1, M, h, w]) logits file
-        if m.shape != (low_res, low_res):
-            raise ValueError(
-                f"mask input {p} has shape {m.shape}; expected {low_res}x{low_res} low-res logits"
-            )
-        return m[None]
-    import jax.numpy as jnp
+    if p.suffix.lower() != ".npy":
+        import jax.numpy as jnp
 
-    from pam_jax.sam2.ops import resize_bilinear
+        from pam_jax.sam2.ops import resize_bilinear
 
-    mask = load_image(p).max(axis=-1) > 0
-    if mask.shape != tuple(orig_hw):
-        raise ValueError(f"mask input {p} is {mask.shape[1]}x{mask.shape[0]}, the image is "
-                         f"{orig_hw[1]}x{orig_hw[0]}")  # fmt: skip
-    # As the official _use_mask_as_output: 0/1 -> -10/+10 logits, antialiased bilinear down.
-    logits = jnp.asarray(mask, jnp.float32)[None] * 20.0 - 10.0
-    return np.asarray(resize_bilinear(logits, (low_res, low_res), True, axes=(-2, -1)))
+        mask = read_mask(p, orig_hw, "--mask-input")
+        # As the official _use_mask_as_output: 0/1 -> -10/+10 logits, antialiased bilinear down.
+        logits = jnp.asarray(mask, jnp.float32)[None] * 20.0 - 10.0
+        return np.asarray(resize_bilinear(logits, (low_res, low_res), True, axes=(-2, -1)))
+    if p.is_dir() or not p.exists():
+        raise CLIError(f"--mask-input {p}: {'a folder' if p.is_dir() else 'no such file'}")
+    try:
+        m = np.asarray(np.load(p, allow_pickle=False), np.float32)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--mask-input {p} is not a readable .npy file: {e}") from None
+    while m.ndim > 2 and m.shape[0] >= 1:
+        m = m[0]  # the first mask of an [M, h, w] (or [1, M, h, w]) logits file
+    if m.shape != (low_res, low_res):
+        raise CLIError(
+            f"--mask-input {p} has shape {m.shape}; expected {low_res}x{low_res} low-res logits"
+        )
+    return m[None]
+
+
+def _prompt(args: argparse.Namespace, hw: tuple[int, int]):
+    """(clicks [P, 2], labels [P], box [4] | None), checked and clipped by the prompt module."""
+    from pam_jax.sam2.prompts import prompt_from_region
+
+    if len(args.box) > 1:
+        raise CLIError(
+            f"--box given {len(args.box)} times; segment takes one box (use pam-jax predict "
+            "--regions, or one segment run per box)"
+        )
+    if not args.point and not args.box and args.mask_input is None:
+        raise CLIError("empty prompt: give at least one --point, --box or --mask-input")
+    region = {}
+    if args.point:
+        region["points"] = [[x, y] for x, y, _ in args.point]
+        region["labels"] = [lab for *_, lab in args.point]
+    if args.box:
+        region["box"] = list(args.box[0])
+    if not region:
+        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int32), None
+    pr = prompt_from_region(region, image_hw=hw)
+    k = 2 if args.box else 0  # the box's two corners come first
+    box = pr.points[:2].reshape(4) if args.box else None
+    return pr.points[k:], pr.labels[k:], box
 
 
 def segment(args: argparse.Namespace) -> dict:
-    import jax.numpy as jnp
-
-    from pam_jax.sam2.image_predictor import SAM2ImagePredictor, check_box, check_points
+    from pam_jax.sam2.image_predictor import SAM2ImagePredictor
     from pam_jax.sam2.loading import load_sam2
     from pam_jax.viz import overlay_masks
 
-    if not args.point and args.box is None and args.mask_input is None:
-        raise ValueError("empty prompt: give at least one --point, --box or --mask-input")
-    image = load_image(args.image)
+    # everything about the input and the outputs is checked before the (slow) model load
+    image = read_image(args.image)
     h, w = image.shape[:2]
-    pts = np.array([p[:2] for p in args.point], np.float32).reshape(-1, 2)
-    labels = np.array([p[2] for p in args.point], np.int32)
-    box = np.array(args.box, np.float32) if args.box is not None else None
-    # check the prompts against the image before the (slow) model load
-    if box is not None:
-        check_box(box, (h, w), True, 0)
-    if len(pts):
-        check_points(pts, (h, w), True, 0)
+    pts, labels, box = _prompt(args, (h, w))
+    suffixes = [".png", ".json", "_mask0.png"] + (["_logits.npy"] if args.save_logits else [])
+    prefix = output_prefix(args.out, default_stem=Path(args.image).stem, suffixes=suffixes)
+    dtype = resolve_dtype(args.dtype)
+    status(f"loading {args.model}")
+    model, cfg = load_sam2(args.model, dtype=dtype)
     mask_in = None
-    model, cfg = load_sam2(args.model, dtype=jnp.dtype(args.dtype))
     if args.mask_input is not None:
         mask_in = load_mask_input(args.mask_input, (h, w), cfg.low_res_size)
 
+    status("segmenting")
     predictor = SAM2ImagePredictor(model)
     predictor.set_image(image)
     pred = predictor.predict_batch(
@@ -162,55 +163,80 @@ def segment(args: argparse.Namespace) -> dict:
         multimask_output=args.multimask,
         return_logits=False,
     )
-    masks, ious, low = pred.masks[0], pred.iou_predictions[0], pred.low_res_logits[0]
+    masks, ious, low = pred.masks[0] > 0, pred.iou_predictions[0], pred.low_res_logits[0]
+    best = int(np.argmax(ious))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png, js = out.with_name(out.name + ".png"), out.with_name(out.name + ".json")
-    order = np.argsort(-ious) if len(ious) > 1 else np.arange(len(ious))
-    labels_txt = [f"mask {i} iou {ious[i]:.2f}" for i in order]
+    prompt_marks = dict(
+        boxes=None if box is None else box[None],
+        points=pts if len(pts) else None,
+        point_labels=labels if len(pts) else None,
+    )
+    anchor = [(box[0], box[1]) if box is not None else (tuple(pts[0]) if len(pts) else None)]
+    files = {"overlay": prefix.path(".png")}
     overlay_masks(
-        image, masks[order], labels=labels_txt, boxes=None if box is None else box[None],
-        points=pts if len(pts) else None, point_labels=labels if len(pts) else None,
-        alpha=0.45 if len(order) == 1 else 0.35,
-    ).save(png)  # fmt: skip
+        image, masks[best : best + 1], labels=[f"mask {best}: score {ious[best]:.2f}"],
+        anchors=anchor, alpha=0.45, **prompt_marks,
+    ).save(files["overlay"])  # fmt: skip
+    mask_entries = []
+    for i in range(len(ious)):
+        entry = {
+            "index": i,
+            "score": float(ious[i]),
+            "area": int(masks[i].sum()),
+            "bbox": mask_bbox(masks[i]),
+            "segmentation": mask_rle(masks[i]),
+            "file": prefix.rel(write_mask_png(masks[i], prefix.path(f"_mask{i}.png"))),
+        }
+        if args.multimask:
+            cand = prefix.path(f"_candidate{i}.png")
+            overlay_masks(
+                image, masks[i : i + 1], labels=[f"mask {i}: score {ious[i]:.2f}"],
+                anchors=anchor, alpha=0.45, **prompt_marks,
+            ).save(cand)  # fmt: skip
+            entry["overlay"] = prefix.rel(cand)
+        mask_entries.append(entry)
     result = {
         "image": str(args.image),
-        "image_size": [w, h],
+        "width": w,
+        "height": h,
         "model": str(args.model),
         "model_name": cfg.name,
+        "model_input_size": int(cfg.image_size),
         "prompt": {
-            "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts, labels)],
-            "box": None if box is None else [float(v) for v in box],
+            "points": pts.tolist(),
+            "labels": labels.tolist(),
+            "box": None if box is None else box.tolist(),
             "mask_input": None if args.mask_input is None else str(args.mask_input),
         },
         "multimask": bool(args.multimask),
         "object_score_logit": float(pred.object_score_logits[0]),
         "object_present": bool(pred.object_score_logits[0] > 0),
-        "masks": [
-            {"index": int(i), "iou_prediction": float(ious[i]), "area_pixels": int(masks[i].sum())}
-            for i in range(len(ious))
-        ],
-        "outputs": {"overlay": str(png)},
+        "best_mask": best,
+        "masks": mask_entries,
+        "files": {"overlay": prefix.rel(files["overlay"])},
     }
     if args.save_logits:
-        npy = out.with_name(out.name + "_logits.npy")
+        npy = prefix.path("_logits.npy")
         np.save(npy, np.asarray(low, np.float32))
-        result["outputs"]["logits"] = str(npy)
-    js.write_text(json.dumps(result, indent=2))
+        result["files"]["logits"] = prefix.rel(npy)
+    result["files"]["json"] = prefix.rel(prefix.path(".json"))
+    write_json(prefix.path(".json"), result)
+    result["written"] = [
+        str(prefix.path(".png")),
+        *(str(prefix.folder / m["file"]) for m in mask_entries),
+        *(str(prefix.folder / m["overlay"]) for m in mask_entries if "overlay" in m),
+        *([str(prefix.path("_logits.npy"))] if args.save_logits else []),
+        str(prefix.path(".json")),
+    ]
     return result
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = segment(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    best = max(result["masks"], key=lambda m: m["iou_prediction"])
+    result = segment(args)
+    best = result["masks"][result["best_mask"]]
     print(
-        f"{len(result['masks'])} mask(s); best iou {best['iou_prediction']:.3f}, "
-        f"{best['area_pixels']} px; object score {result['object_score_logit']:.2f}; "
-        f"wrote {', '.join(result['outputs'].values())}"
+        f"{len(result['masks'])} mask(s); best score {best['score']:.3f}, {best['area']} px; "
+        f"object score {result['object_score_logit']:.2f}"
     )
+    print("wrote " + ", ".join(result["written"]))
     return 0

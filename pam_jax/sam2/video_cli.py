@@ -11,10 +11,14 @@ PROMPTS.json is a list of `{"frame": F, "obj": ID, "box": [x1, y1, x2, y2]?, "po
 non-zero pixels are the object; relative paths are relative to the JSON file), in order.
 Coordinates are pixels of the video frames. Labels default to 1 (positive).
 
-Writes OUT_DIR/frames/{frame:05d}.png (overlays), OUT_DIR/overlay.gif (animated overlays),
-OUT_DIR/summary.json (per frame and object: area, bounding box, object score) and, with
---save-logits, OUT_DIR/logits_{frame:05d}.npy: the video-resolution mask logits [objects, H, W]
-float32, objects in ascending id order, as `propagate_in_video` yields them.
+Writes, in OUT_DIR (created; files of an earlier run there are overwritten):
+- frames/{frame:05d}.png: each frame with the masks overlaid (legend: object ids);
+- masks/{obj}/{frame:05d}.png: each object's mask on each frame, black / white at video size;
+- overlay.gif: the overlays animated;
+- summary.json: per frame and object: area, bbox [x, y, w, h], COCO RLE `segmentation`,
+  object score, mask file (names relative to OUT_DIR);
+- with --save-logits, logits_{frame:05d}.npy: the video-resolution mask logits [objects, H, W]
+  float32, objects in ascending id order, as `propagate_in_video` yields them.
 
 Propagation runs forward from the earliest prompted frame; --reverse also tracks backward from
 it afterwards (official `propagate_in_video(reverse=True)`), covering the frames before the first
@@ -26,14 +30,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pam_jax.checkpoint import CheckpointError
-from pam_jax.sam2.cli import load_image, parse_box, parse_point
+from pam_jax.cliutil import (
+    CLIError,
+    add_dtype_argument,
+    mask_bbox,
+    mask_rle,
+    output_dir,
+    parse_box,
+    parse_point,
+    progress,
+    read_mask,
+    resolve_dtype,
+    status,
+    write_json,
+    write_mask_png,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -59,10 +75,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--point", type=parse_point, action="append", default=[], metavar="X,Y[,L]",
         help="a click; L 1 = positive (default), 0 = negative. Repeatable.",
     )  # fmt: skip
-    p.add_argument("--box", type=parse_box, metavar="X1,Y1,X2,Y2", help="a box prompt")
     p.add_argument(
-        "--mask-input", metavar="PNG", help="mask prompt: an image at video size, non-zero = object"
-    )
+        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
+        help="a box prompt (one; more objects: --prompts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask-input", metavar="PNG",
+        help="mask prompt: a picture of the video frames' size, non-zero = object",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument(
         "--save-logits", action="store_true", help="write logits_{frame:05d}.npy per frame"
@@ -70,21 +90,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--reverse", action="store_true", help="also track backward from the first prompted frame"
     )
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
-        help="compute dtype (bfloat16 on accelerators)",
-    )  # fmt: skip
+    add_dtype_argument(p)
     return p
-
-
-def load_mask_png(path: str | Path, hw: tuple[int, int]) -> np.ndarray:
-    """A mask image at video resolution -> bool [H, W] (non-zero = object)."""
-    mask = load_image(path).max(axis=-1) > 0
-    if mask.shape != tuple(hw):
-        raise ValueError(
-            f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, the video is {hw[1]}x{hw[0]}"
-        )
-    return mask
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -139,28 +146,77 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 def prompts_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if len(args.box) > 1:
+        raise CLIError(
+            f"--box given {len(args.box)} times; one object takes one box (several objects: "
+            "--prompts PROMPTS.json)"
+        )
+    box = np.asarray(args.box[0], np.float32) if args.box else None
     if args.prompts is not None:
-        if args.point or args.box is not None or args.mask_input is not None:
+        if args.point or box is not None or args.mask_input is not None:
             raise ValueError("give either --prompts or --point/--box/--mask-input, not both")
         return read_prompts(args.prompts)
-    if not args.point and args.box is None and args.mask_input is None:
+    if not args.point and box is None and args.mask_input is None:
         raise ValueError(
             f"object {args.obj} has no prompt: give --prompts, --point, --box or --mask-input"
         )
-    if args.mask_input is not None and (args.point or args.box is not None):
+    if args.mask_input is not None and (args.point or box is not None):
         raise ValueError("--mask-input cannot be combined with --point or --box")
     pts = np.array([p[:2] for p in args.point], np.float32).reshape(-1, 2)
     labels = np.array([p[2] for p in args.point], np.int32)
     return [
         {"frame": args.frame, "obj": args.obj, "points": pts if len(pts) else None,
          "labels": labels if len(pts) else None,
-         "box": None if args.box is None else np.asarray(args.box, np.float32),
+         "box": box,
          "mask": None if args.mask_input is None else Path(args.mask_input)}
     ]  # fmt: skip
 
 
+def _frame_hw(video: str | Path) -> tuple[int, int]:
+    """(H, W) of the video's first frame, read without decoding the whole video."""
+    from PIL import Image
+
+    from pam_jax.sam2.video_io import iter_mp4_frames, list_jpeg_frames
+
+    p = Path(video)
+    if p.suffix.lower() == ".mp4":
+        if not p.is_file():
+            raise CLIError(f"video {p}: no such file")
+        first = next(iter(iter_mp4_frames(p)), None)
+        if first is None:
+            raise CLIError(f"video {p} has no frames")
+        return tuple(first.shape[:2])
+    frames = list_jpeg_frames(p)
+    try:
+        with Image.open(frames[0]) as im:
+            return im.height, im.width
+    except OSError as e:
+        raise CLIError(f"frame {frames[0]} is not a readable image ({e})") from None
+
+
+def _check_prompts(prompts: list[dict[str, Any]], hw: tuple[int, int]) -> None:
+    """Every prompt against the frame size (the prompt module's rules), before the model load.
+    Points and boxes within 1 pixel outside the frame are clipped in place."""
+    from pam_jax.sam2.prompts import PromptError, make_prompt
+
+    for i, pr in enumerate(prompts):
+        where = f"object {pr['obj']} on frame {pr['frame']}"
+        if pr["mask"] is not None:
+            pr["mask_array"] = read_mask(pr["mask"], hw, f"{where}: mask")
+            continue
+        try:
+            got = make_prompt(pr["points"], pr["labels"], pr["box"], image_hw=hw)
+        except PromptError as e:
+            raise CLIError(f"{where}: {e}".replace(" image", " frame")) from None
+        k = 2 if pr["box"] is not None else 0
+        if pr["box"] is not None:
+            pr["box"] = got.points[:2].reshape(4)
+        if pr["points"] is not None:
+            pr["points"] = got.points[k:]
+        prompts[i] = pr
+
+
 def segment_video(args: argparse.Namespace) -> dict:
-    import jax.numpy as jnp
     from PIL import Image
 
     from pam_jax.sam2.loading import load_sam2
@@ -168,14 +224,20 @@ def segment_video(args: argparse.Namespace) -> dict:
     from pam_jax.sam2.video_predictor import SAM2VideoPredictor
     from pam_jax.viz import color, overlay_masks
 
+    # the prompts, the video's frame size and the output folder are checked before the model
     prompts = prompts_from_args(args)
-    model, cfg = load_sam2(args.model, dtype=jnp.dtype(args.dtype))
+    hw = _frame_hw(args.video)
+    _check_prompts(prompts, hw)
+    out = output_dir(args.out)
+    status(f"loading {args.model}")
+    model, cfg = load_sam2(args.model, dtype=resolve_dtype(args.dtype))
     predictor = SAM2VideoPredictor(model)
+    status(f"reading {args.video}")
     state = predictor.init_state(args.video)
     hw = (state.video_height, state.video_width)
     for pr in prompts:
         if pr["mask"] is not None:
-            predictor.add_new_mask(state, pr["frame"], pr["obj"], load_mask_png(pr["mask"], hw))
+            predictor.add_new_mask(state, pr["frame"], pr["obj"], pr["mask_array"])
         else:
             predictor.add_new_points_or_box(
                 state, pr["frame"], pr["obj"], points=pr["points"], labels=pr["labels"],
@@ -183,21 +245,25 @@ def segment_video(args: argparse.Namespace) -> dict:
             )  # fmt: skip
 
     results: dict[int, tuple[list, np.ndarray, np.ndarray]] = {}
+    first = min(p["frame"] for p in prompts)
     passes = [False, True] if args.reverse else [False]
     for reverse in passes:
-        for f, ids, logits in predictor.propagate_in_video(state, reverse=reverse):
+        total = first + 1 if reverse else state.num_frames - first
+        frames_iter = predictor.propagate_in_video(state, reverse=reverse)
+        desc = "tracking backward" if reverse else "tracking"
+        for f, ids, logits in progress(frames_iter, total=total, desc=desc, unit="frame"):
             if f not in results:
                 results[f] = (list(ids), logits, predictor.get_object_scores(state, f))
 
-    out = Path(args.out)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     obj_ids = sorted(state.obj_ids)
     pos = {o: i for i, o in enumerate(state.obj_ids)}
     order = [pos[o] for o in obj_ids]
     colors = [color(i) for i in range(len(obj_ids))]
+    legend = [f"obj {o}" for o in obj_ids]
     frames_json, gif = [], []
     jpegs = list_jpeg_frames(args.video) if Path(args.video).is_dir() else None
-    for f in sorted(results):
+    for f in progress(sorted(results), total=len(results), desc="writing", unit="frame"):
         _, logits, scores = results[f]
         logits, scores = logits[order].astype(np.float32), scores[order]
         masks = logits > 0
@@ -207,7 +273,9 @@ def segment_video(args: argparse.Namespace) -> dict:
         pts = [p["points"] for p in marks if p["points"] is not None]
         plabels = [p["labels"] for p in marks if p["points"] is not None]
         img = overlay_masks(
-            frame_img, masks, labels=[f"obj {o}" for o in obj_ids], colors=colors,
+            frame_img, masks, labels=[f"obj {o}" if m.any() else None for o, m in
+                                      zip(obj_ids, masks)],
+            colors=colors, legend=legend,
             boxes=np.stack(boxes) if boxes else None,
             points=np.concatenate(pts) if pts else None,
             point_labels=np.concatenate(plabels) if pts else None,
@@ -215,39 +283,42 @@ def segment_video(args: argparse.Namespace) -> dict:
         png = out / "frames" / f"{f:05d}.png"
         img.save(png)
         gif.append(img.convert("P", palette=Image.ADAPTIVE))
-        entry = {"frame": f, "overlay": str(png), "objects": []}
+        entry = {"frame": f, "overlay": str(png.relative_to(out)), "objects": []}
         for j, o in enumerate(obj_ids):
-            ys, xs = np.nonzero(masks[j])
+            mfile = write_mask_png(masks[j], out / "masks" / str(o) / f"{f:05d}.png")
             entry["objects"].append({
                 "obj": o,
-                "area_pixels": int(masks[j].sum()),
-                "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-                if len(xs) else None,
+                "area": int(masks[j].sum()),
+                "bbox": mask_bbox(masks[j]),
+                "segmentation": mask_rle(masks[j]),
                 "object_score_logit": None if np.isnan(scores[j]) else float(scores[j]),
                 "present": bool(scores[j] > 0) if not np.isnan(scores[j]) else False,
+                "file": str(mfile.relative_to(out)),
             })  # fmt: skip
         if args.save_logits:
             npy = out / f"logits_{f:05d}.npy"
             np.save(npy, logits)
-            entry["logits"] = str(npy)
+            entry["logits"] = npy.name
         frames_json.append(entry)
     anim = out / "overlay.gif"
     if gif:
         gif[0].save(anim, save_all=True, append_images=gif[1:], duration=100, loop=0)
     summary = {
         "video": str(args.video),
-        "video_size": [hw[1], hw[0]],
+        "width": hw[1],
+        "height": hw[0],
         "num_frames": state.num_frames,
         "model": str(args.model),
         "model_name": cfg.name,
+        "model_input_size": int(cfg.image_size),
         "object_ids": obj_ids,
         "prompts": [
             {
                 "frame": p["frame"],
                 "obj": p["obj"],
-                "points": None if p["points"] is None else p["points"].tolist(),
-                "labels": None if p["labels"] is None else p["labels"].tolist(),
-                "box": None if p["box"] is None else p["box"].tolist(),
+                "points": None if p["points"] is None else np.asarray(p["points"]).tolist(),
+                "labels": None if p["labels"] is None else np.asarray(p["labels"]).tolist(),
+                "box": None if p["box"] is None else np.asarray(p["box"]).tolist(),
                 "mask": None if p["mask"] is None else str(p["mask"]),
             }
             for p in prompts
@@ -255,9 +326,14 @@ def segment_video(args: argparse.Namespace) -> dict:
         "reverse": bool(args.reverse),
         "hole_filling": False,
         "frames": frames_json,
-        "outputs": {"overlay_animation": str(anim), "summary": str(out / "summary.json")},
+        "files": {
+            "animation": anim.name,
+            "summary": "summary.json",
+            "masks": "masks",
+            "overlays": "frames",
+        },  # fmt: skip
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -273,15 +349,11 @@ def _original_frame(jpegs: list | None, f: int, hw: tuple[int, int], resized: np
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = segment_video(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = len(summary["frames"])
+    summary = segment_video(args)
+    n, out = len(summary["frames"]), Path(args.out)
+    print(f"tracked {len(summary['object_ids'])} object(s) over {n} frame(s)")
     print(
-        f"tracked {len(summary['object_ids'])} object(s) over {n} frame(s); wrote "
-        f"{args.out}/frames/*.png, {summary['outputs']['overlay_animation']}, "
-        f"{summary['outputs']['summary']}" + (f", {n} logits_*.npy" if args.save_logits else "")
+        f"wrote {out / 'frames'}/*.png, {out / 'masks'}/<obj>/*.png, {out / 'overlay.gif'}, "
+        f"{out / 'summary.json'}" + (f", {n} logits_*.npy" if args.save_logits else "")
     )
     return 0

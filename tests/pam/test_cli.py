@@ -57,12 +57,13 @@ def test_regions_json_one_batched_call(setup, model_dir, files, tmp_path, capsys
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["regions"] == rows and res["task"] == "recognize"
     assert (tmp_path / "r.png").is_file()
-    # the CLI's answers == one batched Python call on the same regions (LLM in bf16 there too)
+    # the CLI's answers == one batched Python call on the same regions (the CLI's default dtype
+    # on the CPU is float32 for the LLM too: issue 10 item 7)
     import jax.numpy as jnp
 
     from pam_jax.pam.model import load_pam
 
-    loaded, _, ltok = load_pam(model_dir, llm_dtype=jnp.bfloat16)
+    loaded, _, ltok = load_pam(model_dir, llm_dtype=jnp.float32)
     regs = [{"box": [40, 30, 200, 250]},
             {"points": [[100, 120], [300, 200]], "labels": [1, 0]}, {"mask": mask}]  # fmt: skip
     want = PAMPredictor(loaded, ltok, max_new_tokens=int(NEW)).describe_image(
@@ -70,10 +71,10 @@ def test_regions_json_one_batched_call(setup, model_dir, files, tmp_path, capsys
     )
     for row, w in zip(rows, want):
         assert row["text"] == w.text
-        m = np.asarray(Image.open(tmp_path / row["mask_file"])) > 0
+        m = np.asarray(Image.open(tmp_path / row["file"])) > 0
         np.testing.assert_array_equal(m, w.mask)
     # a mask prompt is its own output (_use_mask_as_output) with the +10 presence score
-    assert rows[2]["object_score"] == 10.0 and rows[2]["mask_input"] == "m.png"
+    assert rows[2]["object_score_logit"] == 10.0 and rows[2]["mask_input"] == "m.png"
     iou = (want[2].mask & mask).sum() / (want[2].mask | mask).sum()
     assert iou > 0.97  # only the 4x down / up resampling of the +-10 logits differs
 
@@ -84,14 +85,18 @@ def test_box_points_and_mask_input(model_dir, files, tmp_path, capsys):  # noqa:
                   "10,10,400,290", "--point", "100,120", "--point", "50,60,0", "--task",
                   "caption", "--max-new-tokens", NEW, "--out", tmp_path / "b")  # fmt: skip
     assert rc == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # two boxes + the clicks
-    res = json.loads((tmp_path / "b.json").read_text())["regions"]
-    assert res[2]["labels"] == [1, 0] and all((tmp_path / r["mask_file"]).is_file() for r in res)
+    cap = capsys.readouterr()
+    assert len(cap.out.strip().splitlines()) == 3  # two boxes + the clicks
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["task"] == "caption"  # the name the user gave (issue 10 item 6)
+    res = res["regions"]
+    assert res[2]["labels"] == [1, 0] and all((tmp_path / r["file"]).is_file() for r in res)
+    assert f"wrote {tmp_path / 'b.png'}" in cap.err and str(tmp_path / "b_mask2.png") in cap.err
     rc = _predict(model_dir, "--image", d / "img.png", "--mask-input", d / "m.png", "--lang",
                   "zh", "--max-new-tokens", NEW, "--out", tmp_path / "m")  # fmt: skip
     assert rc == 0
     row = json.loads((tmp_path / "m.json").read_text())["regions"][0]
-    assert row["object_score"] == 10.0 and row["mask_area"] > 0.9 * mask.sum()
+    assert row["object_score_logit"] == 10.0 and row["area"] > 0.9 * mask.sum()
 
 
 @pytest.mark.parametrize(
@@ -102,7 +107,12 @@ def test_box_points_and_mask_input(model_dir, files, tmp_path, capsys):  # noqa:
         ([], "empty prompt"),
         (["--box", "1,1,5,5", "--mask-input", "m.png"], "cannot be combined"),
         (["--box", "1,1,5,5", "--stream"], "need --video"),
-        (["--box", "1,1,5,5", "--task", "poem"], "unknown task"),
+        (
+            ["--box", "1,1,5,5", "--task", "poem"],
+            "invalid choice: 'poem' (choose from "
+            "'recognize', 'explain', 'caption', 'detailed-caption')",
+        ),
+        (["--box", "-0.5,1,5,5", "--box", "1,1,5,5", "--point", "1,1,4"], "label"),
     ],
 )
 def test_bad_input_exit_2(model_dir, files, capsys, args, msg):  # noqa: F811
@@ -138,9 +148,9 @@ def test_video_stream(model_dir, files, tmp_path, capsys):  # noqa: F811
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [(r["first_frame"], r["last_frame"]) for r in rows] == [(0, 2), (3, 4)]
     res = json.loads((tmp_path / "v.json").read_text())
-    assert res["clips"] == rows and len(res["mask_files"]) == len(res["frame_files"]) == 5
-    for f in res["mask_files"] + res["frame_files"]:
-        assert (tmp_path / f).is_file()
+    assert res["clips"] == rows and len(res["frames"]) == 5
+    for f in res["frames"]:
+        assert (tmp_path / f["file"]).is_file() and (tmp_path / f["overlay"]).is_file()
     gif = Image.open(tmp_path / "v.gif")
     assert gif.n_frames == 5 and gif.size == (420, 300)
     # one mask-prompted clip through the whole video
@@ -148,7 +158,7 @@ def test_video_stream(model_dir, files, tmp_path, capsys):  # noqa: F811
                   "--max-new-tokens", NEW, "--json")  # fmt: skip
     assert rc == 0
     row = json.loads(capsys.readouterr().out.strip())
-    assert row["object_scores"][0] == 10.0 and row["frames_fed"][0] == 0
+    assert row["object_score_logits"][0] == 10.0 and row["frames_fed"][0] == 0
     rc = _predict(model_dir, "--video", d / "frames", "--box", "1,1,5,5", "--box", "2,2,6,6")
     assert rc == 2 and "one region" in capsys.readouterr().err
     rc = _predict(model_dir, "--video", d / "frames", "--box", "1,1,5,5", "--stream")
@@ -166,7 +176,7 @@ def test_task_names_and_regions_from_args():
     A.video = "x"
     assert _task(A) == "video_caption"
     A.task = "recognize"
-    with pytest.raises(ValueError, match="captioning only"):
+    with pytest.raises(ValueError, match="videos take --task caption"):
         _task(A)
     assert regions_from_args([(1, 2, 3, 4)], [(5, 6, 1)]) == [
         {"box": [1, 2, 3, 4], "points": [[5, 6]], "labels": [1]}

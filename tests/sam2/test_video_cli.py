@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from pam_jax.cli import main
 from pam_jax.sam2.config import sam2_config
@@ -52,7 +53,9 @@ def test_segment_video_outputs(setup, capsys):
         ["segment-video", "--model", str(root / "model"), "--video", str(root / "frames"),
          "--prompts", str(root / "prompts.json"), "--out", str(out), "--save-logits"]
     )  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "tracking" in err and "frame" in err  # the progress bar (issue 10 item 4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["object_ids"] == [2, 5]
     assert [e["frame"] for e in summary["frames"]] == list(range(N))
@@ -76,7 +79,18 @@ def test_segment_video_outputs(setup, capsys):
         np.testing.assert_array_equal(saved, logits[[1, 0]])  # ascending ids: 2, 5
         entry = summary["frames"][f]
         assert [o["obj"] for o in entry["objects"]] == [2, 5]
-        assert [o["area_pixels"] for o in entry["objects"]] == [int((s > 0).sum()) for s in saved]
+        assert [o["area"] for o in entry["objects"]] == [int((s > 0).sum()) for s in saved]
+        # one mask PNG per object and frame, and the same mask as COCO RLE (issue 10 item 3)
+        for o, s in zip(entry["objects"], saved):
+            assert o["file"] == f"masks/{o['obj']}/{f:05d}.png"
+            png = np.asarray(Image.open(out / o["file"])) > 0
+            np.testing.assert_array_equal(png, s > 0)
+            rle = dict(o["segmentation"], counts=o["segmentation"]["counts"].encode())
+            np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), s > 0)
+            if png.any():
+                ys, xs = np.nonzero(png)
+                assert o["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                     ys.max() - ys.min() + 1]  # fmt: skip
 
 
 def test_segment_video_single_prompt_and_reverse(setup, capsys):
@@ -101,6 +115,8 @@ def test_segment_video_single_prompt_and_reverse(setup, capsys):
         (["--frame", "9", "--point", "5,5"], None, "outside the video"),
         (["--box", "100,50,200,90"], None, "outside the 160x120 frame"),
         ([], None, "has no prompt"),
+        (["--box", "1,1,20,20", "--box", "2,2,30,30"], None, "--box given 2 times"),
+        (["--box", "1,1,20,20", "--mask-input", "m.png"], None, "cannot be combined"),
         ([], [{"frame": 0, "obj": 4}], "object 4 has no prompt"),
         ([], [{"frame": 0, "obj": 1, "points": [[5, 5]], "labels": [1, 1]}], "labels"),
         ([], [{"frame": 7, "obj": 1, "box": [1, 1, 20, 20]}], "outside the video"),
