@@ -1,253 +1,506 @@
-"""`pam-jax demo`: the whole PAM image path end to end, with no downloads.
+"""`pam-jax demo --out DIR [--steps N] [--quick]`: the whole product on a model that learns.
 
-Builds a SAM 2.1 tiny with RANDOM weights (or loads --model DIR), draws a synthetic image (or
-reads --image), segments one region from a box and another from a point in one batched call,
-and writes OUT/demo.png (overlay) and OUT/demo.json. Then (unless --no-pam, and only with random
-weights) it wraps the same SAM 2 in a tiny random PAM (Semantic Perceiver, projectors, a 2-layer
-Qwen2 over a byte-level ChatML tokenizer), captions both regions in one batched generation and
-writes OUT/demo_pam.png with the text beside each region. With random weights the masks and the
-text show that the pipeline runs (preprocessing, Hiera + FPN, prompt encoder, mask decoder,
-perceiver, sequence assembly, jitted decoding), not what a trained model sees: convert real
-checkpoints with `pam-jax convert sam2` / `pam-jax convert pam` for that.
+With no downloads and on a CPU, in stages that each leave their result in DIR (an interrupted
+demo resumes at the stage it stopped in; a DIR made with other settings is refused):
+
+1. `data/`: a synthetic region dataset in the release's JSONL format (`pam_jax.demo_data`:
+   shapes of several kinds, colours and sizes on textured backgrounds; masks as COCO RLE,
+   boxes, clicks; recognize / brief / detailed caption conversations in English and Chinese),
+   a training split and a held-out split drawn from other seeds, both prepared as datasets by
+   `pam_jax.data.prepare` (what `pam-jax data prepare` runs).
+2. `model_init/`: a micro PAM with fresh random weights (`micro_config`: a 6-block Hiera SAM 2
+   at 128 x 128, the Semantic Perceiver, projectors, a 2-layer Qwen2) and a word-level
+   tokenizer of the dataset's vocabulary (`demo_data.build_tokenizer`).
+3. `train/`: `pam-jax train` on the run config `configs/train/demo.json` (`demo-quick.json`
+   with --quick): every part trained, SAM 2 included, with the segmentation loss on the
+   generated masks; orbax checkpoints, so an interrupted run resumes; `train/export/` is the
+   trained model directory.
+4. `eval/untrained`, `eval/trained`: `pam-jax eval`'s runner on the held-out split (masks from
+   the box prompt, greedy text), then `metrics.json` {"untrained": {...}, "trained": {...}}:
+   `mIoU` over held-out regions at the images' resolution, `exact_match` over the English
+   recognize and brief-caption answers (normalised as `pam_jax.evaluation.metrics`), and
+   `CIDEr` of the detailed captions where Java and pycocoevalcap are present.
+5. `loss.png` (training losses) and `predictions.png` (held-out regions, untrained and trained
+   side by side: mask overlay, generated text, reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pam_jax.sam2.config import SAM2Config
-    from pam_jax.sam2.model import SAM2Base
+from pam_jax.cliutil import CLIError, RunFolder, positive_int, status, write_json
 
-RANDOM_WARNING = (
-    "NOTE: the weights are RANDOM (untrained); the masks and captions demonstrate the pipeline, "
-    "not segmentation or captioning quality. Use converted checkpoints for real results."
-)
+SEG_TASK = "segment"
 
 
-def random_sam2(
-    size: str = "t", version: str = "2.1", image_size: int = 512, seed: int = 0
-) -> tuple[SAM2Base, SAM2Config]:
-    """A SAM2Base with random weights, filled on the host with numpy (fast on CPU).
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """What a demo folder is made with (recorded in DIR/run.json; a resume must match)."""
 
-    Kernels get LeCun-normal values (flax's default), biases 0, norm scales 1, learned tokens
-    N(0, 1), other raw parameters N(0, 0.02) (the official trunc-normal scale).
-    """
+    quick: bool = False
+    steps: int = 0  # 0: the run config's
+    seed: int = 0
+    train_images: int = 600
+    heldout_images: int = 40
+    image_size: int = 128
+
+    @classmethod
+    def make(cls, *, quick: bool, steps: int | None, seed: int) -> DemoSettings:
+        if quick:
+            return cls(True, steps or 0, seed, train_images=200, heldout_images=16)
+        return cls(False, steps or 0, seed)
+
+    @property
+    def run_config(self) -> str:
+        return "demo-quick" if self.quick else "demo"
+
+
+# ---- the micro model ------------------------------------------------------------------------
+
+
+def micro_config(image_size: int = 128, vocab_size: int = 160):
+    """The demo's PAMConfig: SAM 2.1-style micro Hiera (embed 32, stages 1-2-2-1, d_model 64)
+    at `image_size` (stride-16 map image_size / 16: 8 x 8 at 128, so 16 dense visual tokens, 34
+    visual embeddings), a perceiver of width 64, and a 2-layer Qwen2 of width 128 with tied
+    embeddings over `vocab_size` ids (the tokenizer's length, padded)."""
+    from pam_jax.llm.config import Qwen2Config
+    from pam_jax.pam.config import PAMConfig, PerceiverConfig
+    from pam_jax.sam2.config import HieraConfig, SAM2Config
+
+    hiera = HieraConfig(
+        embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
+        window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
+    )  # fmt: skip
+    sam2 = SAM2Config(
+        name="sam2.1_hiera_micro", image_size=image_size, hiera=hiera, d_model=64, mem_dim=32,
+        memory_attention_layers=1,
+    ).validate()  # fmt: skip
+    llm = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+        tie_word_embeddings=True, max_position_embeddings=1024,
+    )  # fmt: skip
+    return PAMConfig(sam2=sam2, llm=llm, perceiver=PerceiverConfig(embedding_dim=64, num_heads=4,
+                     mlp_dim=256))  # fmt: skip
+
+
+def init_params(make: Callable[[], Any], seed: int = 0, *, what: str = "model") -> Any:
+    """The module `make` builds, with a training initialisation filled on the host (numpy:
+    flax's eager init of SAM 2's few hundred tensors is slow on a CPU).
+
+    Kernels LeCun-normal (flax's default), biases 0, norm scales 1, SAM 2 / perceiver learned
+    tokens and the Fourier matrix N(0, 1), LLM embeddings N(0, 0.02^2), the PAM newlines
+    N(0, 1/H), other raw parameters N(0, 0.02^2) (the official trunc-normal scale)."""
     from flax import nnx
 
     from pam_jax.checkpoint import assign_params, flat_params
-    from pam_jax.sam2.config import sam2_config
-    from pam_jax.sam2.model import SAM2Base
 
-    cfg = sam2_config(size, version, image_size)
-    model = nnx.eval_shape(lambda: SAM2Base(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(make)
     rng = np.random.default_rng(seed)
     params = {}
     for key, v in flat_params(model).items():
         shape, leaf = tuple(v.shape), key.rsplit(".", 1)[-1]
         if leaf == "kernel":
-            fan_in = int(np.prod(shape[:-1])) or 1
-            x = rng.standard_normal(shape) / np.sqrt(fan_in)
+            x = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[:-1])) or 1)
         elif leaf == "bias":
             x = np.zeros(shape)
-        elif leaf == "scale":
+        elif leaf in ("scale", "weight"):
             x = np.ones(shape)
         elif leaf in ("embedding", "positional_encoding_gaussian_matrix"):
-            x = rng.standard_normal(shape)
+            x = rng.standard_normal(shape) * (0.02 if key.startswith("llm.") else 1.0)
+        elif leaf.endswith("newline"):
+            x = rng.standard_normal(shape) / np.sqrt(shape[-1])
         else:
             x = 0.02 * rng.standard_normal(shape)
         params[key] = x.astype(np.float32)
-    assign_params(model, params, what="random SAM 2")
-    return model, cfg
+    assign_params(model, params, what=what)
+    return model
 
 
-def sample_image(h: int = 480, w: int = 640, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """A synthetic scene (sky, ground, sun, house, tree) and the shapes' boxes / centres."""
+def write_initial_model(out_dir: Path, image_size: int, seed: int) -> Path:
+    """A fresh micro PAM + the demo tokenizer as a model directory (atomically)."""
+    from flax import nnx
+
+    from pam_jax.demo_data import build_tokenizer
+    from pam_jax.pam.model import PAM, save_pam
+
+    tok = build_tokenizer()
+    vocab = -(-tok.vocab_size // 32) * 32  # padded, as released vocabularies are
+    cfg = micro_config(image_size, vocab)
+    model = init_params(lambda: PAM(cfg, rngs=nnx.Rngs(seed)), seed, what="micro PAM")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok_dir = tmp / "tokenizer"
+    save_tokenizer(tok, tok_dir)
+    save_pam(model, tmp, tokenizer_dir=tok_dir)
+    shutil.rmtree(tok_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def save_tokenizer(tok, out_dir: Path) -> Path:
+    """tokenizer.json + tokenizer_config.json + generation_config.json of a pam-jax Tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.tok.save(str(out_dir / "tokenizer.json"))
+    write_json(out_dir / "tokenizer_config.json", tok.config)
+    write_json(out_dir / "generation_config.json", tok.generation_config)
+    return out_dir
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def make_data(root: Path, s: DemoSettings) -> dict[str, Path]:
+    """Stage 1: JSONL + images under root/data, prepared datasets root/data/{train,heldout}_ds."""
+    from pam_jax import demo_data
+
+    data = root / "data"
+    out = {}
+    for split, n, seed, tasks in (
+        ("train", s.train_images, s.seed, demo_data.ALL_TASKS),
+        ("heldout", s.heldout_images, s.seed + 1_000_003, demo_data.EVAL_TASKS),
+    ):
+        jsonl = data / f"{split}.jsonl"
+        if not jsonl.is_file():
+            status(f"demo: drawing {n} {split} images")
+            demo_data.generate(
+                data, split, n, seed, image_hw=(s.image_size, s.image_size), tasks=tasks
+            )
+        ds = data / f"{split}_ds"
+        if not ds.is_dir():
+            from pam_jax.data.prepare import prepare
+
+            status(f"demo: preparing {jsonl.name} (pam-jax data prepare)")
+            prepare([str(jsonl)], str(data), str(ds), strict=True)
+        out[split] = jsonl
+        out[split + "_ds"] = ds
+    return out
+
+
+def train_config(root: Path, s: DemoSettings, data: dict[str, Path]):
+    """The TrainConfig of the demo: the run config with this folder's paths (and --steps)."""
+    from pam_jax.training.config import resolve
+
+    over = [
+        f"model={root / 'model_init'}",
+        f"data={data['train_ds']}",
+        f"workdir={root / 'train'}",
+        f"seed={s.seed}",
+    ]
+    if s.steps:
+        over.append(f"steps={s.steps}")
+    return resolve(s.run_config, over)
+
+
+def run_training(root: Path, s: DemoSettings, data: dict[str, Path]) -> Path:
+    """Stage 3: `pam-jax train` (resuming a workdir this demo started); returns export/."""
+    from pam_jax.training.trainer import train
+
+    cfg = train_config(root, s, data)
+    export = Path(cfg.workdir) / "export"
+    if (export / "config.json").is_file():
+        return export
+    resume = (Path(cfg.workdir) / "config.json").is_file() or (Path(cfg.workdir)).is_dir()
+    status(f"demo: training for {cfg.steps} steps ({'resuming' if resume else 'from scratch'})")
+    train(cfg, resume=resume)
+    return export
+
+
+def run_eval(model_dir: Path, data: dict[str, Path], out_dir: Path, batch_size: int) -> Path:
+    """Stage 4: predictions of one model on the held-out split (`pam-jax eval`'s runner:
+    resumable predictions.jsonl, one line per region with text and mask)."""
+    from pam_jax.cliutil import RunFolder
+    from pam_jax.evaluation import formats
+    from pam_jax.evaluation.runner import DecodeSettings, Runner, run_predictions
+    from pam_jax.pam.model import load_pam
+    from pam_jax.pam.predictor import PAMPredictor
+
+    loaded = formats.load(str(data["heldout"]), "pam", image_root=str(data["heldout"].parent))
+    decode = DecodeSettings(max_new_tokens=48)
+    settings = {"model": str(model_dir.resolve()), "data": str(data["heldout"].resolve()),
+                "max_new_tokens": decode.max_new_tokens}  # fmt: skip
+    RunFolder.open(out_dir, command="eval", settings=settings)
+    import jax.numpy as jnp
+
+    model, _, tok = load_pam(model_dir, llm_dtype=jnp.float32)
+    pred = PAMPredictor(
+        model, tok, sampling=decode.sampling(), max_new_tokens=decode.max_new_tokens
+    )
+    runner = Runner(pred, batch_size=batch_size, lang="en", seed=0)
+    run_predictions(runner, loaded.items, out_dir, progress=False)
+    return out_dir / "predictions.jsonl"
+
+
+def score(pred_file: Path, data: dict[str, Path]) -> dict[str, Any]:
+    """mIoU (all held-out regions), exact_match (English recognize + brief caption) and CIDEr
+    (detailed captions; where Java and pycocoevalcap are present), with `pam_jax.evaluation`."""
+    from pam_jax.evaluation import formats, metrics
+    from pam_jax.evaluation.runner import read_predictions
+    from pam_jax.evaluation.scoring import score as eval_score
+
+    preds = read_predictions(pred_file)
+    root = str(data["heldout"].parent)
+    seg = formats.load(str(data["heldout"]), "pam", task=SEG_TASK, image_root=root)
+    # each region appears once per task: score its mask once
+    seen, seg_items = set(), []
+    for it in seg.items:
+        key = it.id.rsplit("-", 2)[0]
+        if key not in seen:
+            seen.add(key)
+            seg_items.append(it)
+    m, _ = eval_score(seg_items, preds)
+    out: dict[str, Any] = {"mIoU": m["mIoU"], "cIoU": m["cIoU"], "n_regions": len(seg_items)}
+    text = formats.load(str(data["heldout"]), "pam", image_root=root).items
+    em = [it for it in text if it.task in ("recognize", "caption") and it.id in preds]
+    out["exact_match"] = metrics.exact_match(
+        [str(preds[it.id]["pred"]) for it in em], [list(it.refs) for it in em]
+    )
+    for task in ("recognize", "caption"):
+        sub = [it for it in em if it.task == task]
+        out[f"exact_match/{task}"] = metrics.exact_match(
+            [str(preds[it.id]["pred"]) for it in sub], [list(it.refs) for it in sub]
+        )
+    out["n_exact_match"] = len(em)
+    det = [it for it in text if it.task == "detailed-caption" and it.id in preds]
+    if det and shutil.which("java"):
+        try:
+            caps = metrics.caption_scores(
+                {it.id: str(preds[it.id]["pred"]) for it in det},
+                {it.id: list(it.refs) for it in det},
+                lang="en",
+            )
+            out["CIDEr"] = caps["CIDEr"]
+        except ImportError as e:  # pycocoevalcap is an extra
+            out["CIDEr"] = None
+            out["CIDEr_note"] = f"not computed: {e}"
+    return out
+
+
+# ---- pictures -------------------------------------------------------------------------------
+
+
+def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
+    """loss.png: the training loss per logged step (PIL only: no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(seed)
-    y = np.linspace(0, 1, h)[:, None, None]
-    sky = (1 - y) * np.array([110, 170, 235]) + y * np.array([200, 225, 250])
-    img = np.broadcast_to(sky, (h, w, 3)).copy()
-    ground = int(h * 0.7)
-    img[ground:] = np.array([80, 150, 70])
-    img += rng.normal(0, 4, img.shape)  # a little texture
-    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    from pam_jax.viz import font
+
+    if not metrics_jsonl.is_file():
+        return None
+    recs = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if x.strip()]
+    keys = [k for k in ("loss", "lm_loss", "seg_loss") if any(k in r for r in recs)]
+    if not recs or not keys:
+        return None
+    w, h, m = 640, 360, 48
+    im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
-    house = (int(w * 0.45), int(h * 0.42), int(w * 0.72), int(ground + h * 0.05))
-    d.rectangle(house, fill=(190, 60, 50))
-    d.polygon([(house[0] - 15, house[1]), (house[2] + 15, house[1]),
-               ((house[0] + house[2]) // 2, int(h * 0.25))], fill=(90, 50, 40))  # fmt: skip
-    d.rectangle((int(w * 0.56), int(h * 0.58), int(w * 0.62), house[3]), fill=(70, 40, 25))
-    sun_c, sun_r = (int(w * 0.15), int(h * 0.18)), int(min(h, w) * 0.08)
-    d.ellipse((sun_c[0] - sun_r, sun_c[1] - sun_r, sun_c[0] + sun_r, sun_c[1] + sun_r),
-              fill=(250, 210, 60))  # fmt: skip
-    d.rectangle((int(w * 0.84), int(h * 0.5), int(w * 0.87), ground + 10), fill=(100, 70, 40))
-    d.ellipse((int(w * 0.78), int(h * 0.3), int(w * 0.93), int(h * 0.56)), fill=(40, 110, 45))
-    shapes = {"house_box": [float(v) for v in house], "sun_center": [float(c) for c in sun_c]}
-    return np.asarray(im), shapes
+    steps = [r["step"] for r in recs]
+    vals = [r[k] for r in recs for k in keys if r.get(k) is not None]
+    lo, hi = 0.0, max(vals) * 1.05 or 1.0
+    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+
+    def xy(s, v):
+        return m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)
+
+    d.rectangle((m, m, w - m, h - m), outline="black")
+    f = font(12)
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        d.text((4, xy(s0, v)[1] - 6), f"{v:.2f}", fill="black", font=f)
+    d.text((m, h - m + 6), str(s0), fill="black", font=f)
+    d.text((w - m - 24, h - m + 6), str(s1), fill="black", font=f)
+    d.text((w // 2 - 20, h - 20), "step", fill="black", font=f)
+    colours = {"loss": (30, 90, 200), "lm_loss": (200, 60, 40), "seg_loss": (40, 150, 60)}
+    for j, k in enumerate(keys):
+        pts = [xy(r["step"], r[k]) for r in recs if r.get(k) is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=colours[k], width=2)
+        d.text((w - m - 90, m + 6 + 16 * j), k, fill=colours[k], font=f)
+    d.text((m, 16), "pam-jax demo: training loss", fill="black", font=font(14))
+    im.save(out_png)
+    return out_png
+
+
+def prediction_sheet(
+    data: dict[str, Path], preds: dict[str, Path], out_png: Path, n: int = 6
+) -> Path:
+    """predictions.png: n held-out regions, one row each: for every model the mask overlay
+    and its answers to the three English tasks, with the references."""
+    from PIL import Image, ImageDraw
+
+    from pam_jax.demo_data import rle_decode
+    from pam_jax.evaluation.runner import read_predictions
+    from pam_jax.viz import font, overlay_masks
+
+    recs = [json.loads(x) for x in data["heldout"].read_text().splitlines()]
+    lines = {name: read_predictions(p) for name, p in preds.items()}
+    regions: dict[str, dict[str, dict]] = {}
+    for r in recs:
+        regions.setdefault(r["id"].rsplit("-", 2)[0], {})[r["id"].rsplit("-", 2)[1]] = r
+    keys = list(regions)[:n]
+    scale, text_w = 2, 300
+    tile = 128 * scale
+    col_w = tile + text_w
+    row_h = tile + 8
+    f, fb = font(13), font(15)
+    sheet = Image.new("RGB", (col_w * len(lines), 30 + row_h * len(keys)), "white")
+    d = ImageDraw.Draw(sheet)
+    for c, name in enumerate(lines):
+        d.text((c * col_w + 8, 6), f"{name} model", fill="black", font=fb)
+    for row, key in enumerate(keys):
+        tasks = regions[key]
+        first = next(iter(tasks.values()))
+        img = np.asarray(Image.open(data["heldout"].parent / first["image"]).convert("RGB"))
+        gt = rle_decode(first["segmentation"])
+        x, y, w, h = first["bbox"]
+        for c, pl in enumerate(lines.values()):
+            line = pl.get(first["id"], {})
+            rle = line.get("mask_rle")
+            mask = rle_decode(rle) if rle else np.zeros_like(gt)
+            inter, union = (mask & gt).sum(), (mask | gt).sum()
+            ov = overlay_masks(img, mask[None], boxes=[[x, y, x + w, y + h]])
+            ov = ov.resize((tile, tile), Image.NEAREST)
+            x0, y0 = c * col_w, 30 + row * row_h
+            sheet.paste(ov, (x0, y0))
+            ty = y0 + 4
+            d.text((x0 + tile + 8, ty), f"IoU {inter / max(union, 1):.2f}", fill="black", font=f)
+            ty += 20
+            for task, rec in tasks.items():
+                got = str(pl.get(rec["id"], {}).get("pred", ""))
+                ref = rec["conversations"][-1]["value"]
+                ok = got.strip().lower().rstrip(".") == ref.strip().lower().rstrip(".")
+                for label, txt, col in (
+                    (task, got or "(nothing)", (0, 120, 0) if ok else (180, 0, 0)),
+                    ("ref", ref, (90, 90, 90)),
+                ):
+                    for chunk in _wrap(f"{label}: {txt}", 42)[:3]:
+                        d.text((x0 + tile + 8, ty), chunk, fill=col, font=f)
+                        ty += 16
+                ty += 4
+    sheet.save(out_png)
+    return out_png
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, out, cur = text.split(), [], ""
+    for wd in words:
+        if cur and len(cur) + 1 + len(wd) > width:
+            out.append(cur)
+            cur = wd
+        else:
+            cur = f"{cur} {wd}" if cur else wd
+    return out + ([cur] if cur else [])
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def demo(root: Path, s: DemoSettings, *, force: bool = False) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    RunFolder.open(root, command="demo", settings=dataclasses.asdict(s), force=force)
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        times[name] = round(now - t, 1)
+        return now
+
+    t = t0
+    data = make_data(root, s)
+    t = lap("data", t)
+    if not (root / "model_init" / "config.json").is_file():
+        status("demo: building the micro PAM (random weights) and its tokenizer")
+        write_initial_model(root / "model_init", s.image_size, s.seed)
+    t = lap("model", t)
+    export = run_training(root, s, data)
+    t = lap("train", t)
+    cfg = train_config(root, s, data)
+    bs = 16
+    preds = {}
+    for name, model_dir in (("untrained", root / "model_init"), ("trained", export)):
+        status(f"demo: evaluating the {name} model on the held-out split")
+        preds[name] = run_eval(model_dir, data, root / "eval" / name, bs)
+    t = lap("eval", t)
+    result = {name: score(p, data) for name, p in preds.items()}
+    write_json(root / "metrics.json", result)
+    plot_losses(Path(cfg.workdir) / "metrics.jsonl", root / "loss.png")
+    prediction_sheet(data, preds, root / "predictions.png")
+    lap("pictures", t)
+    times["total"] = round(time.perf_counter() - t0, 1)
+    return {"metrics": result, "seconds": times, "steps": cfg.steps}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
-        help="run the built-in demo (no downloads, random weights)",
-        description="Segment a synthetic image with a randomly initialised SAM 2.1 tiny "
-        "(no downloads) from a box and a point, writing OUT/demo.png and OUT/demo.json.",
+        help="generate data, train, evaluate and show a micro PAM (no downloads, CPU minutes)",
+        description="Generate a synthetic region dataset, train a micro PAM on it from scratch "
+        "(pam-jax train), evaluate the untrained and trained models on a held-out split "
+        "(pam-jax eval) and write DIR/metrics.json, DIR/loss.png and DIR/predictions.png. "
+        "An interrupted demo resumes in the same DIR.",
     )
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="demo folder")
     p.add_argument(
-        "--image-size", type=int, default=512, metavar="N",
-        help="model input size for the random model, a multiple of 32 (default 512: quick on "
-        "CPU; the official size is 1024)",
+        "--steps", type=positive_int, metavar="N", help="optimizer steps (default: the config's)"
+    )
+    p.add_argument(
+        "--quick", action="store_true",
+        help="smaller data and fewer steps (the test suite's form; lower scores)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and image")
-    p.add_argument("--model", metavar="DIR", help="use a converted model instead of random weights")
-    p.add_argument("--image", metavar="IMG", help="use this image instead of the synthetic one")
-    p.add_argument("--no-pam", action="store_true", help="skip the (random) PAM captioning step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    p.add_argument("--force", action="store_true", help="reuse a DIR made with other settings")
     return p
 
 
-def demo_tokenizer():
-    """A byte-level BPE with no merges plus the ChatML specials (Qwen2 structure, 259 ids).
-
-    No byte-level decoder: random tokens then print as the printable byte alphabet."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from pam_jax.llm.tokenizer import Tokenizer as PamTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return PamTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-
-
-def pam_captions(sam2_model, cfg, image, regions, seed: int, max_new_tokens: int = 24):
-    """Caption regions with a tiny random PAM built around `sam2_model` (one batched call)."""
-    from flax import nnx
-
-    from pam_jax.llm.config import tiny
-    from pam_jax.pam.config import PAMConfig
-    from pam_jax.pam.model import PAM
-    from pam_jax.pam.predictor import PAMPredictor
-
-    pcfg = PAMConfig(sam2=cfg, llm=tiny(vocab_size=272, hidden_size=64, intermediate_size=128))
-    model = PAM(pcfg, rngs=nnx.Rngs(seed), sam2=sam2_model)
-    predictor = PAMPredictor(model, demo_tokenizer(), max_new_tokens=max_new_tokens)
-    return predictor.describe_image(image, regions, task="detailed_caption")
-
-
-def demo(args: argparse.Namespace) -> dict:
-    from pam_jax.sam2.image_predictor import SAM2ImagePredictor
-    from pam_jax.viz import overlay_masks
-
-    t0 = time.perf_counter()
-    if args.model:
-        from pam_jax.sam2.loading import load_sam2
-
-        model, cfg = load_sam2(args.model)
-        weights = f"converted model {args.model}"
-    else:
-        if args.image_size <= 0 or args.image_size % 32:
-            raise ValueError(
-                f"--image-size must be a positive multiple of 32, got {args.image_size}"
-            )
-        model, cfg = random_sam2("t", "2.1", args.image_size, args.seed)
-        weights = "random (untrained)"
-    t_build = time.perf_counter() - t0
-
-    if args.image:
-        from pam_jax.sam2.cli import load_image
-
-        image = load_image(args.image)
-        h, w = image.shape[:2]
-        shapes = {"house_box": [w * 0.25, h * 0.25, w * 0.75, h * 0.75],
-                  "sun_center": [w * 0.5, h * 0.5]}  # fmt: skip
-    else:
-        image, shapes = sample_image(seed=args.seed)
-    box = np.asarray(shapes["house_box"], np.float32)
-    point = np.asarray(shapes["sun_center"], np.float32)
-
-    predictor = SAM2ImagePredictor(model)
-    t1 = time.perf_counter()
-    predictor.set_image(image)
-    # two prompt sets, one jitted decode: row 0 = the box, row 1 = one positive click
-    pred = predictor.predict_batch(
-        point_coords=[None, point[None]],
-        point_labels=[None, np.array([1])],
-        boxes=[box, None],
-        multimask_output=False,
-    )
-    t_run = time.perf_counter() - t1
-    masks = pred.masks[:, 0]
-    ious = pred.iou_predictions[:, 0]
-    names = ["box prompt", "point prompt"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    overlay_masks(
-        image, masks, labels=[f"{n} (iou {i:.2f})" for n, i in zip(names, ious)],
-        boxes=box[None], points=point[None], point_labels=[1],
-        label_xy=[box[:2], point + 8],
-    ).save(out / "demo.png")  # fmt: skip
-    result = {
-        "weights": weights,
-        "note": RANDOM_WARNING if not args.model else None,
-        "model": cfg.name,
-        "image_size": cfg.image_size,
-        "image_hw": list(image.shape[:2]),
-        "prompts": [{"box": box.tolist()}, {"point": point.tolist(), "label": 1}],
-        "masks": [
-            {
-                "prompt": n,
-                "iou_prediction": float(i),
-                "object_score_logit": float(o),
-                "area_pixels": int(m.sum()),
-            }
-            for n, i, o, m in zip(names, ious, pred.object_score_logits, masks)
-        ],  # fmt: skip
-        "seconds": {"build": round(t_build, 2), "encode_and_decode": round(t_run, 2)},
-        "outputs": {"overlay": str(out / "demo.png"), "json": str(out / "demo.json")},
-    }
-    if not args.model and not getattr(args, "no_pam", False):
-        t2 = time.perf_counter()
-        regions = [{"box": box.tolist()}, {"points": [point.tolist()], "labels": [1]}]
-        res = pam_captions(model, cfg, image, regions, args.seed)
-        result["pam"] = [
-            {"prompt": n, "text": r.text, "object_score_logit": r.score} for n, r in zip(names, res)
-        ]
-        result["seconds"]["pam"] = round(time.perf_counter() - t2, 2)
-        overlay_masks(
-            image, np.stack([r.mask for r in res]),
-            labels=[f"{n}: {ascii(r.text[:32])}" for n, r in zip(names, res)],
-            boxes=box[None], points=point[None], point_labels=[1],
-            label_xy=[box[:2], point + 8],
-        ).save(out / "demo_pam.png")  # fmt: skip
-        result["outputs"]["pam_overlay"] = str(out / "demo_pam.png")
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
-    return result
+def summary_table(result: dict[str, Any]) -> str:
+    m = result["metrics"]
+    keys = ["mIoU", "exact_match", "exact_match/recognize", "exact_match/caption"]
+    if any(m[k].get("CIDEr") is not None for k in m):
+        keys.append("CIDEr")
+    rows = [f"{'metric':<24}{'untrained':>12}{'trained':>12}"]
+    for k in keys:
+        vals = [m[n].get(k) for n in ("untrained", "trained")]
+        rows.append(
+            f"{k:<24}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}" for v in vals)
+        )
+    return "\n".join(rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pam_jax.checkpoint import CheckpointError
+    from pam_jax.cliutil import run_command
 
-    try:
-        result = demo(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for m in result["masks"]:
-        print(f"{m['prompt']}: iou {m['iou_prediction']:.3f}, {m['area_pixels']} px")
-    for r in result.get("pam", []):
-        print(f"{r['prompt']}: PAM caption {r['text']!r}")
-    print("wrote " + ", ".join(result["outputs"].values()))
-    if result["note"]:
-        print(RANDOM_WARNING)
-    return 0
+    def go(a):
+        s = DemoSettings.make(quick=a.quick, steps=a.steps, seed=a.seed)
+        root = Path(a.out)
+        result = demo(root, s, force=a.force)
+        print(summary_table(result))
+        secs = result["seconds"]
+        print(f"{result['steps']} training steps; seconds: " +
+              ", ".join(f"{k} {v}" for k, v in secs.items()))  # fmt: skip
+        for name in ("metrics.json", "loss.png", "predictions.png"):
+            print(f"wrote {root / name}")
+        print(f"model: {root / 'train' / 'export'} (pam-jax predict --model ...); "
+              f"data: {root / 'data'}")  # fmt: skip
+        return 0
+
+    return run_command(go, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pam-jax")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(p.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])]))
+
+
+__all__ = ["CLIError", "DemoSettings", "demo", "micro_config", "init_params", "run"]
