@@ -190,6 +190,11 @@ def test_collate_aligns_labels_with_the_sequence(tmp_path, tokenizer):
         collate([ex], seq_bucket=[16, 32])
 
 
-def test_bad_prompt_is_a_record_error(tmp_path, tokenizer):
+def test_box_edge_clipped_within_one_pixel_else_bad(tmp_path, tokenizer):
+    # 64 x 48 image: x + w = 65 rounds to 65, 1 pixel out -> clipped to 64; 66 is a bad record
+    ex, _ = _example(tmp_path, tokenizer, image_record(bbox=[40.7, 30, 24.9, 18.9]))
+    np.testing.assert_allclose(ex.prompt.points, [[20, 20], [32, 32]], rtol=1e-6)
+    with pytest.raises(RecordError, match="bad_prompt"):
+        _example(tmp_path, tokenizer, image_record(bbox=[40, 30, 26, 10]))
     with pytest.raises(RecordError, match="bad_prompt"):
         _example(tmp_path, tokenizer, image_record(bbox=[50, 40, 30, 20]))
