@@ -144,3 +144,18 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.A
     return {
         k: jax.make_array_from_process_local_data(shard[k], np.asarray(v)) for k, v in local.items()
     }
+
+
+def abstract_batch(
+    batch_size: int, seq_len: int, image_size: int, *, frames: int = 1, prompt_points: int = 2
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes / dtypes of a global batch (compile-only: no host arrays)."""
+    b, L, s = batch_size, seq_len, image_size
+    shapes = {
+        "text_ids": (b, L), "visual_index": (b, L), "is_visual": (b, L), "mask": (b, L),
+        "positions": (b, L), "labels": (b, L), "segment_ids": (b, L),
+        "pixels": (b, frames, s, s, 3), "coords": (b, prompt_points, 2),
+        "point_labels": (b, prompt_points), "point_valid": (b, prompt_points),
+        "example_valid": (b,), "source_index": (b,),
+    }  # fmt: skip
+    return {k: jax.ShapeDtypeStruct(v, FIELDS[k][0]) for k, v in shapes.items()}
