@@ -85,11 +85,13 @@ def collate(
     num_points: int | None = None,
     source_index: Sequence[int] | None = None,
     record_index: Sequence[int] | None = None,
+    row_valid: Sequence[bool] | None = None,
 ) -> Batch:
     """Stack examples into a Batch of `batch_size` rows (default len(examples)).
 
     num_frames: F of the batch (default the most frames of an example; image rows use frame
-    0 and leave the rest zero)."""
+    0 and leave the rest zero). row_valid: False marks an example row that only fills a
+    process's share (it is computed but example_valid is False, labels -100, record_index -1)."""
     if not examples:
         raise ValueError("collate needs at least one example")
     b = len(examples) if batch_size is None else int(batch_size)
@@ -114,6 +116,9 @@ def collate(
         labels[i, :k] = e.labels_before
         labels[i, k + nv : k + nv + len(e.ids_after)] = e.labels_after
     valid_rows = np.arange(b) < n
+    if row_valid is not None:
+        valid_rows[:n] &= np.asarray(row_valid, bool)
+        labels[~valid_rows] = IGNORE
     mask = lay.mask & valid_rows[:, None]
     segment_ids = mask.astype(np.int32)
 
@@ -126,6 +131,7 @@ def collate(
         if e.gt_masks is not None:
             gt[i, :k] = e.gt_masks
             mask_valid[i, :k] = e.mask_valid
+    mask_valid &= valid_rows[:, None]
     no_prompt = Prompt(np.zeros((1, 2), np.float32), np.zeros(1, np.int32))
     pp = pad_prompts([e.prompt for e in examples] + [no_prompt] * pad, bucket=num_points)
     pvalid = pp.valid & valid_rows[:, None]
@@ -134,7 +140,7 @@ def collate(
         out = np.full(b, fill, np.int32)
         if x is not None:
             out[:n] = np.asarray(x, np.int32)
-        return out
+        return np.where(valid_rows, out, fill).astype(np.int32)
 
     return Batch(
         text_ids=lay.text_ids * mask,
@@ -152,10 +158,10 @@ def collate(
         gt_masks=gt,
         mask_valid=mask_valid,
         has_mask=mask_valid.any(axis=1),
-        is_video=np.array([e.kind == "video" for e in examples] + [False] * pad, bool),
+        is_video=np.array([e.kind == "video" for e in examples] + [False] * pad) & valid_rows,
         example_valid=valid_rows,
         source_index=ints(source_index, 0),
         record_index=ints(record_index, -1),
         orig_hw=np.array([e.orig_hw for e in examples] + [(0, 0)] * pad, np.int32).reshape(b, 2),
-        num_visual=np.array([r[2] for r in rows], np.int32),
+        num_visual=np.where(valid_rows, [r[2] for r in rows], 0).astype(np.int32),
     )

@@ -161,12 +161,17 @@ def _preprocess(item, rng=None, *, tokenizer, cfg):
     return make_example(record, frames, tokenizer, cfg, rng), component, index
 
 
+def _flag(item, valid: bool):
+    return (*item, valid)
+
+
 def _collate(items, *, batch_size, **kw):
     return collate(
         [x[0] for x in items],
         batch_size=batch_size,
         source_index=[x[1] for x in items],
         record_index=[x[2] for x in items],
+        row_valid=[x[3] for x in items],
         **kw,
     )
 
@@ -194,7 +199,9 @@ def make_dataset(
     """A grain IterDataset of `Batch`es (see module doc). `batch_size` is per process.
 
     augment: overrides cfg.augment when given. num_epochs: None = endless. drop_remainder:
-    default True when endless; a finite stream's last batch is padded (example_valid False).
+    default True when endless; a finite stream's last batch is padded (example_valid False),
+    and every process gets the same number of batches (a short share is topped up with rows
+    marked not valid), so multi-host evaluation loops stay in step.
     num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
     bucket). worker_count > 0 adds grain multiprocessing (`mp_prefetch`)."""
     import grain
@@ -233,8 +240,15 @@ def make_dataset(
         ds = ds.repeat(num_epochs)
     fn = functools.partial(_preprocess, tokenizer=tokenizer, cfg=cfg)
     ds = ds.random_map(fn, seed=seed) if cfg.augment else ds.map(fn)
-    ds = ds[process_index::process_count]
     finite = num_epochs is not None
+    share = ds[process_index::process_count].map(functools.partial(_flag, valid=True))
+    if finite:  # every process gets ceil(n / count) rows (so the same number of batches): a
+        # short share is topped up with a repeat of its first record, marked not valid
+        short = -(-len(ds) // process_count) - len(share)
+        if short:
+            extra = ds[:short].map(functools.partial(_flag, valid=False))
+            share = grain.MapDataset.concatenate([share, extra])
+    ds = share
     if drop_remainder is None:
         drop_remainder = not finite
     if num_points is None and cfg.augment:

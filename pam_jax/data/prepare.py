@@ -283,6 +283,12 @@ def prepare(
                     "line": r.line,
                 },
             )
+        if report.written == 0:  # tfds cannot write an empty split; say why instead
+            reasons = report.to_json()["skipped_by_reason"]
+            raise ValueError(
+                f"no valid record: {report.records_read} read, all skipped {reasons}; "
+                "nothing written"
+            )
 
     tfds.disable_progress_bar()
     with atomic_dir(out, force=force, what="dataset") as tmp:

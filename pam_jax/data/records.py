@@ -153,7 +153,7 @@ def _points(points: Any, labels: Any) -> tuple[np.ndarray | None, np.ndarray | N
         return None, None
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise RecordError("bad_field", f"points must be [[x, y], ...], got shape {pts.shape}")
-    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.number):
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.number) or np.any(lab != np.round(lab)):
         raise RecordError("bad_field", f"labels must be a list of integers, got {labels!r}")
     if lab.shape[0] != pts.shape[0]:
         raise RecordError(

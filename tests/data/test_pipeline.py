@@ -113,6 +113,21 @@ def test_two_processes_read_disjoint_halves(dataset, tokenizer):
     assert seen[0] != sorted(seen[0]) or seen[1] != sorted(seen[1])  # shuffled
 
 
+def test_finite_shares_have_equal_batch_counts(dataset, tokenizer):
+    # 10 records over 3 processes: shares of 4, 3, 3 (+1 filler) -> every process 2 batches of 3
+    seen, nbatches = [], []
+    for pi in range(3):
+        batches = list(_ds(dataset / "ds", tokenizer, batch_size=3, process_index=pi,
+                           process_count=3, num_epochs=1))  # fmt: skip
+        nbatches.append(len(batches))
+        seen += [i for b in batches for i in b.record_index[b.example_valid].tolist()]
+        for b in batches:  # filler rows carry no labels, no lengths, no record index
+            bad = ~b.example_valid
+            assert (b.labels[bad] == -100).all() and (b.record_index[bad] == -1).all()
+            assert not b.mask[bad].any() and (b.num_visual[bad] == 0).all()
+    assert nbatches == [2, 2, 2] and sorted(seen) == list(range(N))
+
+
 def test_mixture_yaml_counts_and_weights(dataset, tokenizer, tmp_path):
     y = tmp_path / "mix.yaml"
     y.write_text(

@@ -111,3 +111,10 @@ def test_image_size_and_masks_in_every_form(tmp_path, image_root):
     orig = np.asarray(Image.open(image_root / "img0.jpg").convert("RGB"))
     ref = np.asarray(Image.fromarray(orig).resize((32, 32), Image.BICUBIC))
     np.testing.assert_array_equal(decode_image(bytes(src[0]["frames"][0])), ref)
+
+
+def test_no_valid_record_is_an_error(tmp_path, image_root):
+    j = write_jsonl(tmp_path / "a.jsonl", [image_record("nope.jpg"), "{x"])
+    with pytest.raises(ValueError, match=r"2 read, all skipped .*missing_image"):
+        prepare([j], image_root, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
