@@ -129,7 +129,7 @@ def run_inspect(args) -> int:
         words.append(sum(len(t.text.split()) for t in rec.conversations))
         if tok is not None:
             ib, ia, _, la = tokenize_conversation(rec.conversations, tok)
-            total = len(ib) + len(ia) + cfg.num_visual(rec.kind)
+            total = len(ib) + len(ia) + cfg.visual_length(rec.kind)
             lengths.setdefault(rec.kind, []).append(total)
             lengths.setdefault("supervised", []).append(int((la != -100).sum()))
     print(f"dataset {args.dataset}: {len(src)} records ({n} read)")

@@ -120,8 +120,15 @@ def select_indices(n: int, strategy: str, rng: np.random.Generator) -> np.ndarra
 
 
 def parse_spec(spec: Any, image_root: str | os.PathLike | None = None) -> list[MixtureEntry]:
+    """A spec -> mixture entries: a path (dataset folder, JSONL, mixture YAML), a
+    (JSONL, image_root) pair, a MixtureEntry, or a list of these."""
     if isinstance(spec, MixtureEntry):
         return [spec]
+    if isinstance(spec, tuple) and len(spec) == 2 and str(spec[0]).endswith(".jsonl"):
+        if spec[1] is None or (Path(spec[1]).is_dir() and not is_dataset_dir(spec[1])):
+            return [
+                MixtureEntry(str(spec[0]), image_root=None if spec[1] is None else str(spec[1]))
+            ]
     if isinstance(spec, list | tuple):
         return [e for s in spec for e in parse_spec(s, image_root)]
     p = Path(spec)
@@ -203,7 +210,8 @@ def make_dataset(
     and every process gets the same number of batches (a short share is topped up with rows
     marked not valid), so multi-host evaluation loops stay in step.
     num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
-    bucket). worker_count > 0 adds grain multiprocessing (`mp_prefetch`)."""
+    bucket). worker_count > 0 adds grain multiprocessing (`mp_prefetch`). The dataset carries
+    `num_sources` and `source_names` (the mixture components `Batch.source_index` counts)."""
     import grain
 
     if not 0 <= process_index < process_count:
@@ -262,7 +270,7 @@ def make_dataset(
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it.batch(
+    out = it.batch(
         batch_size,
         drop_remainder=drop_remainder,
         batch_fn=functools.partial(
@@ -273,3 +281,6 @@ def make_dataset(
             num_points=num_points,
         ),
     )
+    out.num_sources = len(entries)  # mixture components (Batch.source_index in [0, n))
+    out.source_names = [e.path for e in entries]
+    return out

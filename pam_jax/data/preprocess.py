@@ -42,22 +42,24 @@ IGNORE = -100
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-    """image_size S; num_frames F of a video sample; num_visual_* the visual block lengths
-    (1042 image / 5168 video for PAM at 1024); max points kept by augmentation."""
+    """image_size S; num_frames F of a video sample; num_visual / num_visual_video the visual
+    block lengths of an image / a video sample (1042 / 5168 for PAM at 1024); max points kept
+    by augmentation."""
 
     image_size: int = 1024
     augment: bool = False
     unmask_template_tokens: bool = True
     model_max_length: int = 12288
-    num_visual_image: int = 1042
+    num_visual: int = 1042
     num_visual_video: int = 5168
     num_frames: int = 16
     system: str = SYSTEM
     max_image_points: int = 4
     max_video_points: int = 3
 
-    def num_visual(self, kind: str) -> int:
-        return self.num_visual_video if kind == "video" else self.num_visual_image
+    def visual_length(self, kind: str) -> int:
+        """The visual block length of a sample of `kind` ("image" | "video")."""
+        return self.num_visual_video if kind == "video" else self.num_visual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +304,7 @@ def make_example(
         system=cfg.system,
         unmask_template_tokens=cfg.unmask_template_tokens,
     )
-    nv = cfg.num_visual(record.kind)
+    nv = cfg.visual_length(record.kind)
     room = cfg.model_max_length - len(ib) - nv
     if room < 0:
         raise ValueError(

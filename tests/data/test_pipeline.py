@@ -21,7 +21,7 @@ from pam_jax.data.preprocess import PreprocessConfig
 from .conftest import image_record, video_record, write_image, write_jsonl
 
 N = 10
-CFG = PreprocessConfig(image_size=16, num_visual_image=5, num_visual_video=9, num_frames=4)
+CFG = PreprocessConfig(image_size=16, num_visual=5, num_visual_video=9, num_frames=4)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,9 @@ def test_jsonl_in_place_with_videos(tmp_path, tokenizer):
     write_image(root / "img0.jpg")
     rows = [video_record(), image_record("img0.jpg"), image_record("missing.jpg")]
     jsonl = write_jsonl(tmp_path / "v.jsonl", rows)
-    (b,) = list(_ds(jsonl, tokenizer, image_root=root, num_epochs=1, shuffle=False, augment=False))
+    ds = _ds((str(jsonl), str(root)), tokenizer, num_epochs=1, shuffle=False, augment=False)
+    assert ds.num_sources == 1 and ds.source_names == [str(jsonl)]
+    (b,) = list(ds)
     assert b.pixels.shape == (4, 4, 16, 16, 3) and b.is_video.tolist() == [
         True,
         False,

@@ -109,7 +109,7 @@ def _example(tmp_path, tokenizer, rec, cfg=None, rng=None, hw=(48, 64)):
     write_image(tmp_path / rec.get("image", "a.jpg"), hw=hw)
     r = check_record(parse_record(rec, source="x.jsonl", line=3), tmp_path).record
     imgs = [np.asarray(Image.open(tmp_path / f).convert("RGB")) for f in r.frames]
-    cfg = cfg or PreprocessConfig(image_size=32, num_visual_image=7)
+    cfg = cfg or PreprocessConfig(image_size=32, num_visual=7)
     return make_example(r, imgs, tokenizer, cfg, rng), imgs
 
 
@@ -123,14 +123,14 @@ def test_image_example_box_pixels_and_truncation(tmp_path, tokenizer):
     assert ex.pixels.shape == (1, 32, 32, 3) and ex.orig_hw == (48, 64) and ex.gt_masks is None
     assert (ex.id, ex.line, ex.kind) == ("x.jsonl:3", 3, "image")
     # no box: all stored points; model_max_length cuts the end of the text
-    cfg = PreprocessConfig(image_size=32, num_visual_image=7, model_max_length=60)
+    cfg = PreprocessConfig(image_size=32, num_visual=7, model_max_length=60)
     ex2, _ = _example(tmp_path, tokenizer, image_record(bbox=None), cfg)
     assert ex2.prompt.labels.tolist() == [1, 1, 0, 1, 0] and ex2.length == 60
     np.testing.assert_array_equal(ex2.ids_after, ex.ids_after[: 60 - 7 - len(ex.ids_before)])
 
 
 def test_augmentation_follows_release(tmp_path, tokenizer):
-    cfg = PreprocessConfig(image_size=32, num_visual_image=7, augment=True)
+    cfg = PreprocessConfig(image_size=32, num_visual=7, augment=True)
     stored = np.array([[10, 10], [20, 12], [30, 20], [12, 30], [40, 40]]) / [64, 48] * 32
     kinds, counts = [], set()
     for seed in range(60):
