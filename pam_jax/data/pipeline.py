@@ -200,7 +200,7 @@ def make_dataset(
     num_points: int | None = None,
     drop_remainder: bool | None = None,
     num_threads: int = 4,
-    prefetch: int = 64,
+    prefetch: int | None = None,
     worker_count: int = 0,
 ):
     """A grain IterDataset of `Batch`es (see module doc). `batch_size` is per process.
@@ -210,7 +210,8 @@ def make_dataset(
     and every process gets the same number of batches (a short share is topped up with rows
     marked not valid), so multi-host evaluation loops stay in step.
     num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
-    bucket). worker_count > 0 adds grain multiprocessing (`mp_prefetch`). The dataset carries
+    bucket). prefetch: samples prepared ahead (default max(2 x batch, 2 x threads)).
+    worker_count > 0 adds grain multiprocessing (`mp_prefetch`). The dataset carries
     `num_sources` and `source_names` (the mixture components `Batch.source_index` counts)."""
     import grain
 
@@ -261,6 +262,8 @@ def make_dataset(
         drop_remainder = not finite
     if num_points is None and cfg.augment:
         num_points = max(cfg.max_image_points, cfg.max_video_points, 2)
+    if prefetch is None:  # samples are MBs (a 16-frame video at 1024: 48 MB): keep few ahead
+        prefetch = max(2 * batch_size, 2 * num_threads)
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     )

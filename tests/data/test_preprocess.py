@@ -166,6 +166,23 @@ def test_video_example_frames_prompt_masks(tmp_path, tokenizer, image_root):
     assert ex.gt_masks[2].sum() > 0 and ex.gt_masks[1].sum() == 0
 
 
+def test_video_png_masks_per_masked_frame(tmp_path, tokenizer, image_root):
+    m = np.zeros((48, 64), np.uint8)
+    m[4:20, 8:40] = 255
+    Image.fromarray(m).save(image_root / "vid" / "m3.png")
+    rec = parse_record(video_record(n=6, mask=[None, "vid/m3.png"]), source="v.jsonl")
+    r = check_record(rec, image_root).record
+    assert r.annotations[0].mask is None and set(r.annotations[1].mask) == {"size", "counts"}
+    imgs = [Image.open(image_root / f).convert("RGB") for f in r.frames]  # PIL images work too
+    ex = make_example(r, imgs, tokenizer, PreprocessConfig(image_size=64, num_frames=6))
+    assert ex.mask_valid.tolist() == [False, False, False, True, False, False]
+    ref = np.asarray(Image.fromarray((m > 0).astype(np.uint8)).resize((64, 64), Image.NEAREST))
+    np.testing.assert_array_equal(ex.gt_masks[3], ref)
+    bad = parse_record(video_record(n=6, mask=[None, "vid/none.png"]), source="v.jsonl")
+    with pytest.raises(RecordError, match="bad_mask"):
+        check_record(bad, image_root)
+
+
 def test_collate_aligns_labels_with_the_sequence(tmp_path, tokenizer):
     ex, _ = _example(tmp_path, tokenizer, image_record())
     ex2, _ = _example(tmp_path, tokenizer, image_record(bbox=None))
