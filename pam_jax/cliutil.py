@@ -183,22 +183,31 @@ def add_dtype_argument(p: argparse.ArgumentParser, flag: str = "--dtype", what: 
 # -- progress ------------------------------------------------------------------------------------
 
 
+def progress_enabled() -> bool:
+    """Progress output on stderr: PAM_JAX_PROGRESS=1 always, =0 never; unset: when stderr is a
+    terminal (logs and pipes then keep only results and errors)."""
+    env = os.environ.get("PAM_JAX_PROGRESS")
+    if env is not None:
+        return env != "0"
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def progress(
     iterable: Iterable[T], *, total: int | None = None, desc: str, unit: str = "it"
 ) -> Iterator[T]:
-    """A tqdm bar on stderr (PAM_JAX_PROGRESS=0 turns bars off)."""
+    """A tqdm bar on stderr (see `progress_enabled`)."""
     from tqdm.auto import tqdm
 
-    off = os.environ.get("PAM_JAX_PROGRESS", "1") == "0"
     yield from tqdm(
-        iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=off,
-        dynamic_ncols=True, leave=False,
+        iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
+        disable=not progress_enabled(), dynamic_ncols=True, leave=False,
     )  # fmt: skip
 
 
 def status(message: str) -> None:
-    """A progress line on stderr ("loading model ...")."""
-    if os.environ.get("PAM_JAX_PROGRESS", "1") != "0":
+    """A progress line on stderr ("loading model ..."; see `progress_enabled`)."""
+    if progress_enabled():
         print(message, file=sys.stderr, flush=True)
 
 

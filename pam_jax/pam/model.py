@@ -196,13 +196,16 @@ def load_pam(
 
     SAM 2 and the parts keep float32 parameters (compute in `dtype`); the LLM's parameters and
     compute are `llm_dtype` (bf16 halves the bytes read per decoded token). Like the release's
-    loader, the vocabulary is cut to the tokenizer's length (`resize_to_tokenizer`).
+    loader, the vocabulary is cut to the tokenizer's length (`resize_to_tokenizer`). With
+    `mesh`, every part (SAM 2, perceiver / projectors / newlines, LLM) is placed as its logical
+    axis names map under the current rules (`sharding.axis_rules`).
     """
     from pathlib import Path
 
     from pam_jax.checkpoint import CheckpointError, assign_params, load_params, read_model_config
     from pam_jax.llm.io import load_qwen2
     from pam_jax.sam2.loading import load_sam2
+    from pam_jax.sharding import place
 
     d = Path(model_dir)
     meta = read_model_config(d, "pam")
@@ -211,12 +214,18 @@ def load_pam(
             f"{d} holds no PAM weights (model.safetensors); write it with `pam-jax convert pam`"
         )
     cfg = PAMConfig.from_dict(meta["config"])
-    sam2, _ = load_sam2(d / meta.get("sam2_dir", "sam2"), dtype=dtype or jnp.float32)
+    sam2, _ = load_sam2(d / meta.get("sam2_dir", "sam2"), dtype=dtype or jnp.float32, mesh=mesh)
     llm, _, tok = load_qwen2(d / meta.get("llm_dir", "llm"), dtype=llm_dtype, mesh=mesh)
     parts = nnx.eval_shape(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     assign_params(parts, load_params(d), what=f"{d} (PAM parts)")
     if resize_to_tokenizer and tok is not None and tok.vocab_size < cfg.llm.vocab_size:
         cfg = cfg.replace(llm=resize_vocab(llm, tok.vocab_size))
+        if mesh is not None:  # the cut rows: re-place (an odd count replicates that axis)
+            place(llm.model.embed_tokens, mesh)
+            if not cfg.llm.tie_word_embeddings:
+                place(llm.lm_head, mesh)
+    if mesh is not None:
+        place(parts, mesh)
     return PAM(cfg, sam2=sam2, llm=llm, parts=parts), cfg, tok
 
 

@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_segment_video_outputs(setup, capsys):
+def test_segment_video_outputs(setup, capsys, monkeypatch):
+    monkeypatch.setenv("PAM_JAX_PROGRESS", "1")  # progress bars also where stderr is no terminal
     root = setup
     out = root / "out"
     rc = main(
