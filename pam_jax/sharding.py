@@ -167,9 +167,21 @@ def make_mesh(
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types, devices=devices)
 
 
-def named_sharding(mesh: Mesh, names: Sequence[str | None] | None) -> NamedSharding:
-    """NamedSharding on `mesh` for logical `names` under the current rules."""
-    return NamedSharding(mesh, logical_to_spec(names))
+def named_sharding(
+    mesh: Mesh, names: Sequence[str | None] | None, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    """NamedSharding on `mesh` for logical `names` under the current rules. With `shape`, a
+    dimension that its mesh axes do not divide evenly is replicated instead (a 3-channel conv,
+    a vocabulary cut to the tokenizer's 151665 rows)."""
+    spec = logical_to_spec(names)
+    if shape is not None:
+        dims = []
+        for n, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            size = int(np.prod([mesh.shape[a] for a in group])) if group else 1
+            dims.append(axes if n % size == 0 else None)
+        spec = PartitionSpec(*dims)
+    return NamedSharding(mesh, spec)
 
 
 def _current_mesh() -> Any | None:
@@ -198,7 +210,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         nd = len(v.shape) if hasattr(v, "shape") else 0
         if names is not None and len(names) != nd:
             raise ValueError(f"sharding names {names} do not match rank {nd}")
-        return named_sharding(mesh, names)
+        return named_sharding(mesh, names, getattr(v, "shape", None))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -209,11 +221,13 @@ def place(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(model)
     flat = []
     for path, v in nnx.to_flat_state(state):
-        names = param_names(v) if isinstance(v, nnx.Variable) else None
-        nd = np.ndim(v.get_value())
-        if names is not None and len(names) != nd:
-            raise ValueError(f"{'.'.join(map(str, path))}: sharding names {names} != rank {nd}")
-        v.set_value(jax.device_put(v.get_value(), named_sharding(mesh, names)))
+        x = v.get_value()
+        if isinstance(x, jax.Array | np.ndarray):
+            names = param_names(v)
+            if names is not None and len(names) != x.ndim:
+                where = ".".join(map(str, path))
+                raise ValueError(f"{where}: sharding names {names} do not match rank {x.ndim}")
+            v.set_value(jax.device_put(x, named_sharding(mesh, names, x.shape)))
         flat.append((path, v))
     nnx.update(model, nnx.from_flat_state(flat))
     return model
@@ -225,7 +239,7 @@ def misplaced_params(model: nnx.Module, mesh: Mesh) -> list[str]:
     for path, v in nnx.iter_graph(model):
         if isinstance(v, nnx.Param):
             x = v.get_value()
-            want = named_sharding(mesh, param_names(v))
+            want = named_sharding(mesh, param_names(v), np.shape(x))
             got = getattr(x, "sharding", None)
             if got is None or not want.is_equivalent_to(got, np.ndim(x)):
                 out.append("/".join(map(str, path)))

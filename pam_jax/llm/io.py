@@ -71,7 +71,8 @@ def load_qwen2(
 
     `param_dtype` defaults to `dtype`: inference keeps the weights in the compute dtype (bf16
     halves the bytes read per decoded token). With `mesh`, every tensor is placed directly
-    with the sharding its logical axis names map to. Tensors are read one at a time.
+    with the sharding its logical axis names map to under the current rules
+    (`sharding.axis_rules`). Tensors are read one at a time.
     """
     from pam_jax.sharding import named_sharding, param_names
 
@@ -109,7 +110,7 @@ def load_qwen2(
         else:
             arr = src.get(key)
         arr = np.asarray(arr).astype(var.dtype)  # numpy cast: one host tensor at a time
-        sharding = named_sharding(mesh, param_names(var)) if mesh is not None else None
+        sharding = None if mesh is None else named_sharding(mesh, param_names(var), arr.shape)
         flat.append((path, var.replace(value=jax.device_put(arr, sharding))))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     tok = None

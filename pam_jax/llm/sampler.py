@@ -33,12 +33,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from pam_jax import prepared
-from pam_jax.llm.qwen2 import PrefillLengths
+from pam_jax.llm.qwen2 import KVCache, PrefillLengths
 from pam_jax.prepared import Structure, merge
 
 TRACES: collections.Counter = collections.Counter()  # (bucket, batch, max_new) -> traces
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    """The static part of `SamplingParams`: one compilation per mode."""
+
+    greedy: bool  # argmax (temperature 0)
+    top_k: int  # 0 = off (always 0 when greedy)
+    use_top_p: bool
+    use_penalty: bool  # repetition penalty != 1
+
+
+@struct.dataclass
+class SamplingValues:
+    """The traced part of `SamplingParams` (changing them does not recompile)."""
+
+    temperature: jax.Array  # float32 scalar; 1 when greedy
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+
+
+@struct.dataclass
+class LoopState:
+    """The decode loop's carry."""
+
+    step: jax.Array  # int32 scalar: tokens generated so far (the next one's column)
+    tokens: jax.Array  # [B, max_new_tokens] int32, pad_id after a stop
+    last: jax.Array  # [B] int32, the token fed to the next step
+    done: jax.Array  # [B] bool, a stop token was emitted
+    lengths: jax.Array  # [B] int32, tokens generated including the stop token
+    cache: KVCache
+    rng: jax.Array
+    seen: jax.Array | None  # [B, V] bool tokens the repetition penalty covers; None when off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +93,21 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
     @property
-    def mode(self) -> tuple[bool, int, bool, bool]:
-        """The static part: (greedy, top_k, use_top_p, use_penalty)."""
+    def mode(self) -> SamplingMode:
+        """The static part (greedy, top-k, top-p and penalty switches)."""
         greedy = self.temperature == 0
-        return (
-            greedy,
-            0 if greedy else self.top_k,
-            (not greedy) and self.top_p < 1,
-            self.repetition_penalty != 1.0,
+        return SamplingMode(
+            greedy=greedy,
+            top_k=0 if greedy else self.top_k,
+            use_top_p=(not greedy) and self.top_p < 1,
+            use_penalty=self.repetition_penalty != 1.0,
+        )
+
+    def values(self) -> SamplingValues:
+        return SamplingValues(
+            temperature=jnp.float32(self.temperature or 1.0),
+            top_p=jnp.float32(self.top_p),
+            repetition_penalty=jnp.float32(self.repetition_penalty),
         )
 
 
@@ -148,25 +189,25 @@ def warp_logits(
 
     For tests and inspection; the sampler uses the same code on the candidates only.
     """
-    greedy, top_k, use_top_p, use_pen = sampling.mode
+    mode = sampling.mode
     logits = logits.astype(jnp.float32)
-    if use_pen and seen is not None:
+    if mode.use_penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    if greedy:
+    if mode.greedy:
         return logits
-    vals, idx = _candidates(logits, sampling.temperature, top_k, use_top_p, sampling.top_p)
+    vals, idx = _candidates(
+        logits, sampling.temperature, mode.top_k, mode.use_top_p, sampling.top_p
+    )
     out = jnp.full_like(logits, -jnp.inf)
     return jax.vmap(lambda o, i, v: o.at[i].set(v))(out, idx, vals)
 
 
-def _sample(logits, seen, rng, values, mode):
-    greedy, top_k, use_top_p, use_pen = mode
-    temperature, top_p, penalty = values
-    if use_pen:
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    if greedy:
+def _sample(logits, seen, rng, values: SamplingValues, mode: SamplingMode):
+    if mode.use_penalty:
+        logits = apply_repetition_penalty(logits, seen, values.repetition_penalty)
+    if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vals, idx = _candidates(logits, temperature, top_k, use_top_p, top_p)
+    vals, idx = _candidates(logits, values.temperature, mode.top_k, mode.use_top_p, values.top_p)
     choice = jax.random.categorical(rng, vals, axis=-1)
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
@@ -196,14 +237,14 @@ def _generate(
     *,
     max_new_tokens: int,
     cache_length: int,
-    mode: tuple,
+    mode: SamplingMode,
     from_ids: bool,
     decode_batch: int,
 ):
     b0, t = prompt.shape[:2]
     TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
     model = merge(structure, leaves)
-    use_pen = mode[3]
+    use_pen = mode.use_penalty
     x = model.embed(prompt) if from_ids else prompt
     start = t - lengths  # first valid cache slot of each row (prompts end at slot t - 1)
     positions = jnp.broadcast_to(jnp.arange(t), (b0, t))
@@ -232,7 +273,7 @@ def _generate(
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     if use_pen:
         seen = seen.at[jnp.arange(b), first].set(True)
-    state0 = dict(
+    state0 = LoopState(
         step=jnp.int32(1),
         tokens=tokens,
         last=first,
@@ -243,38 +284,31 @@ def _generate(
         seen=seen,
     )
 
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+    def cond(s: LoopState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s):
-        step = s["step"]
-        slot = t + step - 1  # where the last token's k/v go
-        pos = (lengths + step - 1)[:, None]
+    def body(s: LoopState) -> LoopState:
+        slot = t + s.step - 1  # where the last token's k/v go
+        pos = (lengths + s.step - 1)[:, None]
         m = (start, jnp.full((b,), slot + 1, jnp.int32))  # keys start <= j <= slot
-        xe = model.embed(s["last"][:, None])
-        h, cache = model.hidden_states(xe, pos, m, s["cache"], slot, attend_cache=True)
+        xe = model.embed(s.last[:, None])
+        h, cache = model.hidden_states(xe, pos, m, s.cache, slot, attend_cache=True)
         lg = model.logits(h[:, 0])
-        rng, key = jax.random.split(s["rng"])
-        nxt = _sample(lg, s["seen"], key, values, mode)
-        nxt = jnp.where(s["done"], pad_id, nxt)
-        seen = s["seen"]
-        if use_pen:
-            seen = seen.at[jnp.arange(b), nxt].set(True)
-        tokens = jax.lax.dynamic_update_slice(s["tokens"], nxt[:, None], (0, step))
-        lengths_ = s["lengths"] + (~s["done"]).astype(jnp.int32)
-        return dict(
-            step=step + 1,
-            tokens=tokens,
+        rng, key = jax.random.split(s.rng)
+        nxt = jnp.where(s.done, pad_id, _sample(lg, s.seen, key, values, mode))
+        return s.replace(
+            step=s.step + 1,
+            tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
             last=nxt,
-            done=s["done"] | is_stop(nxt),
-            lengths=lengths_,
+            done=s.done | is_stop(nxt),
+            lengths=s.lengths + (~s.done).astype(jnp.int32),
             cache=cache,
             rng=rng,
-            seen=seen,
+            seen=s.seen.at[jnp.arange(b), nxt].set(True) if use_pen else s.seen,
         )
 
     out = jax.lax.while_loop(cond, body, state0)
-    return out["tokens"][:b0], out["lengths"][:b0]
+    return out.tokens[:b0], out.lengths[:b0]
 
 
 def generate(
@@ -344,7 +378,7 @@ def generate(
     )
     mode = sampling.mode
     seen = None
-    if mode[3]:
+    if mode.use_penalty:
         seen = np.zeros((b, cfg.vocab_size), bool)
         if from_ids:  # HF penalises the prompt tokens too when they are given as ids
             ids = np.asarray(input_ids)
@@ -353,11 +387,7 @@ def generate(
         seen = jnp.asarray(seen)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
-    values = (
-        jnp.float32(sampling.temperature or 1.0),
-        jnp.float32(sampling.top_p),
-        jnp.float32(sampling.repetition_penalty),
-    )
+    values = sampling.values()
     if min_batch is None:
         min_batch = 2 if jax.default_backend() == "gpu" else 1
     lengths_in = jnp.asarray(lengths, jnp.int32)
