@@ -179,6 +179,8 @@ def iter_checked(
             return path, line, check_record(r, image_root, image_size=image_size)
         except RecordError as e:
             return path, line, e
+        except Exception as e:  # a shape no check foresaw: reported, never a crash mid-run
+            return path, line, RecordError("bad_field", f"{type(e).__name__}: {e}")
 
     items = ((str(p), line, r) for p in files for line, r in read_jsonl(p))
     if workers <= 1:

@@ -263,6 +263,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Record | RecordEr
                 yield i, parse_record(obj, source=str(path), line=i)
             except RecordError as e:
                 yield i, e
+            except Exception as e:  # a shape no rule above foresaw: reported, never a crash
+                yield i, RecordError("bad_field", f"{type(e).__name__}: {e}")
 
 
 def record_to_json(r: Record) -> dict:

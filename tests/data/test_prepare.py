@@ -118,3 +118,35 @@ def test_no_valid_record_is_an_error(tmp_path, image_root):
     with pytest.raises(ValueError, match=r"2 read, all skipped .*missing_image"):
         prepare([j], image_root, tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+
+
+WEIRD = [
+    [1, 2],
+    {"type": "audio", "image": "img0.jpg", "conversations": conv(), "bbox": [0, 0, 1, 1]},
+    image_record("img0.jpg", image=5),
+    image_record("img0.jpg", bbox="abc"),
+    image_record("img0.jpg", bbox=[1, 2, -3, 4]),
+    image_record("img0.jpg", points=[[1, 2], [3]], labels=[1, 1]),
+    image_record("img0.jpg", points=[[None, 2]], labels=[1]),
+    image_record("img0.jpg", labels=["a", "b", "c", "d", "e"]),
+    image_record("img0.jpg", labels=[1, 1, 0, 7, 0]),
+    image_record("img0.jpg", labels=[1, 1.5, 0, 1, 0]),
+    image_record("img0.jpg", bbox=None, points=None, labels=None),
+    image_record("img0.jpg", conversations=[{"from": "human", "value": None}]),
+    image_record("img0.jpg", conversations=[{"from": "bot", "value": "<image>"}]),
+    image_record("img0.jpg", conversations=conv()[:1]),
+    image_record("img0.jpg", conversations=[{"from": "human", "value": "<image><image>"}]),
+    image_record("img0.jpg", segmentation={"size": "x", "counts": 3}),
+    image_record("img0.jpg", segmentation=[[1, 2, 3]]),
+    image_record("img0.jpg", segmentation=12),
+    video_record(frames=[], masked_frames=[]),
+    video_record(masked_frames=["nope.jpg"]),
+    video_record(bbox=[[4, 5, 20, 10]]),
+]
+
+
+def test_malformed_records_are_reported_never_a_crash(tmp_path, image_root):
+    j = write_jsonl(tmp_path / "w.jsonl", [*WEIRD, image_record("img0.jpg")])
+    rep = prepare([j], image_root, tmp_path / "ds")
+    assert rep["records_read"] == len(WEIRD) + 1 and rep["written"] == 1
+    assert [s["line"] for s in rep["skipped"]] == list(range(1, len(WEIRD) + 1))
