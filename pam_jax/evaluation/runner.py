@@ -242,6 +242,7 @@ def run_predictions(
 ) -> dict[str, Any]:
     """Predict every item not yet in out_dir/predictions.jsonl, appending as groups finish.
     Returns {"n_done_before", "n_predicted", "seconds", "items_per_s"}."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / PREDICTIONS
     done = read_predictions(path, repair=True)
     todo = [it for it in items if not all(i in done for i in it.prediction_ids())]

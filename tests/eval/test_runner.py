@@ -1,0 +1,164 @@
+"""The eval runner on the tiny random PAM of tests/pam/test_model.py (SAM 2.1 tiny at 512^2,
+a 2-layer Qwen2, greedy): batched predictions equal unbatched ones (and the public per-image
+API); a run killed mid-way and restarted ends with the same predictions and metrics, nothing
+duplicated or lost; `pam-jax eval` end to end, settings recorded and a changed setting refused;
+predictions-file scoring reports unknown and missing ids."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pam_jax.cli import main
+from pam_jax.evaluation import formats
+from pam_jax.evaluation.runner import (
+    PREDICTIONS,
+    Runner,
+    read_predictions,
+    run_predictions,
+)
+from pam_jax.pam.predictor import PAMPredictor
+from tests.pam.test_model import model_dir, setup  # noqa: F401  (fixtures)
+
+NEW = 3
+REC = "Classify this subject and provide its label."
+REGIONS = [
+    {"bbox": [40, 30, 160, 220]},
+    {"points": [[100, 120], [300, 200]], "labels": [1, 0]},
+    {"bbox": [10, 10, 390, 280], "points": [[200, 150]], "labels": [1]},
+]
+
+
+@pytest.fixture(scope="module")
+def data(setup, tmp_path_factory):  # noqa: F811
+    _, _, _, image = setup
+    d = tmp_path_factory.mktemp("evaldata")
+    Image.fromarray(image).save(d / "a.png")
+    Image.fromarray(np.ascontiguousarray(image[::-1])).save(d / "b.png")
+    rows = []
+    for k, (name, reg) in enumerate([("a.png", 0), ("b.png", 1), ("a.png", 2), ("b.png", 0),
+                                     ("a.png", 1)]):  # fmt: skip
+        conv = [{"from": "human", "value": "<image>\n" + REC}, {"from": "gpt", "value": "cat"}]
+        rows.append({"id": f"r{k}", "image": name, "conversations": conv, **REGIONS[reg]})
+    path = d / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the same regions as COCO instances with reference masks, for --task segment
+    m = np.zeros(image.shape[:2], np.uint8)
+    m[30:250, 40:200] = 1
+    rle = formats.encode_mask(m.astype(bool))
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 300, "width": 420},
+                   {"id": 2, "file_name": "b.png", "height": 300, "width": 420}],
+        "annotations": [{"id": 10 + k, "image_id": 1 + k % 2, "bbox": [40, 30, 160, 220 - k],
+                         "segmentation": rle} for k in range(3)],
+    }  # fmt: skip
+    (d / "coco.json").write_text(json.dumps(coco))
+    return d
+
+
+def _run(model, tok, items, out, batch_size, **kw):
+    pred = PAMPredictor(model, tok, max_new_tokens=NEW)
+    return run_predictions(Runner(pred, batch_size=batch_size), items, out, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def unbatched(setup, data, tmp_path_factory):  # noqa: F811
+    """One region per batch (the reference), shared by the tests below."""
+    _, model, tok, _ = setup
+    items = formats.load(data / "data.jsonl", "pam").items
+    out = tmp_path_factory.mktemp("b1")
+    _run(model, tok, items, out, 1)
+    return items, read_predictions(out / PREDICTIONS)
+
+
+def test_batched_equals_unbatched(setup, unbatched, tmp_path):  # noqa: F811
+    _, model, tok, _ = setup
+    items, one = unbatched
+    assert [it.task for it in items] == ["recognize"] * 5
+    _run(model, tok, items, tmp_path / "b4", 4)  # 2 images per batch, 1-2 regions each
+    four = read_predictions(tmp_path / "b4" / PREDICTIONS)
+    assert list(one) == list(four) == [f"r{k}" for k in range(5)]
+    assert one == four  # texts and mask RLEs
+    # and the public per-image API, one region per call
+    pred = PAMPredictor(model, tok, max_new_tokens=NEW)
+    for it in items[:2]:
+        img = np.asarray(Image.open(it.media[0]).convert("RGB"))
+        (res,) = pred.describe_image(img, [it.region], "recognize")
+        assert res.text == one[it.id]["pred"]
+        assert formats.encode_mask(res.mask) == one[it.id]["mask_rle"]
+
+
+def test_kill_and_resume(setup, unbatched, data, tmp_path):  # noqa: F811
+    _, model, tok, _ = setup
+    items, clean = unbatched
+
+    class Killed(Exception):
+        pass
+
+    def kill(n):
+        if n >= 2:
+            raise Killed
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        _run(model, tok, items, out, 1, on_group=kill)
+    assert len(read_predictions(out / PREDICTIONS)) == 2
+    with open(out / PREDICTIONS, "a") as f:
+        f.write('{"id": "r2", "pred": "half a li')  # killed while writing a line
+    stats = _run(model, tok, items, out, 1)
+    assert stats["n_done_before"] == 2 and stats["n_predicted"] == 3
+    lines = (out / PREDICTIONS).read_text().splitlines()
+    assert len(lines) == 5 and len({json.loads(x)["id"] for x in lines}) == 5
+    got = read_predictions(out / PREDICTIONS)
+    assert got == clean
+    assert _run(model, tok, items, out, 1)["n_predicted"] == 0  # finished: nothing recomputed
+    # the same predictions give the same metrics (exact match; the MiniLM and Java scorers
+    # are deterministic functions of the same strings, tested in test_metrics.py)
+    from pam_jax.evaluation.metrics import exact_match
+
+    refs = [list(it.refs) for it in items]
+    assert exact_match([got[it.id]["pred"] for it in items], refs) == exact_match(
+        [clean[it.id]["pred"] for it in items], refs
+    )
+
+
+def _eval(*args):
+    return main(["eval", *map(str, args)])
+
+
+def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "res"
+    base = ["--data", data / "coco.json", "--format", "coco", "--out", out, "--batch-size", 2]
+    assert _eval("--model", model_dir, *base) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_items"] == 3 and metrics["n_skipped"] == 0
+    assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["cIoU"] <= 1
+    assert metrics["task"] == "segment" and metrics["temperature"] == 0.0
+    assert (out / "report.md").is_file() and (out / "examples.png").is_file()
+    rep = json.loads((out / "report.json").read_text())
+    assert any("G-STDC" in x for x in rep["not_run_offline"])
+    preds = (out / PREDICTIONS).read_text()
+    # the same command again: resumed, nothing recomputed, the same metrics
+    assert _eval("--model", model_dir, *base) == 0
+    assert (out / PREDICTIONS).read_text() == preds
+    again = json.loads((out / "metrics.json").read_text())
+    assert {k: again[k] for k in ("mIoU", "cIoU")} == {k: metrics[k] for k in ("mIoU", "cIoU")}
+    capsys.readouterr()
+    # other decoding settings in the same folder: refused, one line
+    assert _eval("--model", model_dir, *base, "--max-new-tokens", 7) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "max_new_tokens" in err
+    # scoring a predictions file: an unknown and a missing id are reported
+    lines = [json.loads(x) for x in preds.splitlines()]
+    lines[0]["id"] = "nope"
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    base2 = ["--data", data / "coco.json", "--format", "coco", "--predictions", pf]
+    assert _eval(*base2, "--out", tmp_path / "s") == 0
+    err = capsys.readouterr().err
+    assert "1 item(s) have no prediction" in err and "not in the data" in err
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["n_missing"] == 1 and m["n_unknown"] == 1 and m["n_items"] == 2
+    assert _eval(*base2, "--out", tmp_path / "s2", "--strict") == 2
+    assert "--strict" in capsys.readouterr().err
