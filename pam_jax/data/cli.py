@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pam_jax.cliutil import CLIError, positive_int, status
+from pam_jax.cliutil import CLIError, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -83,7 +83,7 @@ def run_prepare(args) -> int:
         )
     except RecordError as e:  # --strict
         raise CLIError(f"bad record (--strict; nothing written): {e}") from None
-    status(
+    print(  # the command's result (stdout), not a progress line
         f"{rep['written']} of {rep['records_read']} records written to {args.out} "
         f"({', '.join(f'{v} {k}' for k, v in rep['written_by_kind'].items()) or 'none'}); "
         f"{rep['skipped_count']} skipped"

@@ -20,8 +20,8 @@ def test_prepare_inspect_and_strict(tmp_path, image_root, tokenizer, capsys):
     rep = json.loads((out / "prepare_report.json").read_text())
     assert (rep["records_read"], rep["written"], rep["skipped_count"]) == (5, 4, 1)
     assert rep["skipped"][0]["line"] == 5 and rep["skipped"][0]["file"] == str(jsonl)
-    err = capsys.readouterr().err
-    assert "4 of 5 records written" in err and "malformed_json" in err
+    said = capsys.readouterr().out
+    assert "4 of 5 records written" in said and "malformed_json" in said
 
     assert main([*args, "--out", str(out)]) == 2  # not empty, no --force
     assert "not empty" in capsys.readouterr().err
