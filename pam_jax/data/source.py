@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +97,14 @@ def load_element(element: dict) -> tuple[Record, LazyFrames]:
     rec = element["record"]
     rec = rec.decode("utf-8") if isinstance(rec, bytes | np.bytes_) else rec
     return record_from_json(json.loads(rec)), LazyFrames(list(element["frames"]))
+
+
+def iter_records(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None
+) -> Iterator[tuple[Record, LazyFrames]]:
+    """Every good record of a prepared dataset folder (or a JSONL file with its image root), in
+    stored order, with its frames decoded on access: for evaluators that want records rather
+    than batches (the same records and pictures the training pipeline reads)."""
+    src = open_source(path, image_root)
+    for i in range(len(src)):
+        yield load_element(src[i])

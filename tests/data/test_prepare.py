@@ -12,7 +12,7 @@ from PIL import Image
 from pam_jax.data.prepare import REPORT, TFDS_SUBDIR, prepare
 from pam_jax.data.preprocess import decode_image, decode_mask
 from pam_jax.data.records import RecordError
-from pam_jax.data.source import load_element, open_source
+from pam_jax.data.source import iter_records, load_element, open_source
 
 from .conftest import conv, image_record, video_record, write_jsonl
 
@@ -70,6 +70,8 @@ def test_report_counts_every_bad_record_with_file_and_line(tmp_path, image_root)
     assert rec.orig_hw == (50, 45) and rec.frames == ("p.png",)
     stored = (image_root / "p.png").read_bytes()
     assert bytes(src[4]["frames"][0]) == stored  # bytes kept as stored
+    assert [r.line for r, _ in iter_records(out)] == [1, 7, 9, 5, 6]
+    assert [r.line for r, _ in iter_records(b, image_root)] == [5, 6]  # JSONL read in place
     video, vframes = load_element(src[3])
     assert len(vframes) == 6 and video.annotations[1].frame == 3
 
