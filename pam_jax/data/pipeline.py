@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,17 @@ class _Selected:
         return self.component, j, self.src[j]
 
 
+def _check_size(entry: MixtureEntry, cfg: PreprocessConfig) -> None:
+    if is_dataset_dir(entry.path):
+        stored = dataset_report(entry.path).get("image_size")
+        if stored is not None and stored != cfg.image_size:
+            warnings.warn(
+                f"{entry.path} was prepared at --image-size {stored}, read at image_size "
+                f"{cfg.image_size}: pictures are resized twice (not the release's pixels)",
+                stacklevel=3,
+            )
+
+
 def _kinds(entry: MixtureEntry, src: Any) -> set[str]:
     if isinstance(src, JsonlSource):
         return {r.kind for r in src.records}
@@ -233,6 +245,7 @@ def make_dataset(
                 + ")"
             )
         kinds |= _kinds(e, src)
+        _check_size(e, cfg)
         parts.append(grain.MapDataset.source(_Selected(src, idx, k)))
     if weighted:
         if num_epochs is not None:
