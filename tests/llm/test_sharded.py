@@ -1,4 +1,6 @@
-"""A (data=2, fsdp=2, tensor=2) mesh on 8 fake CPU devices: sharded == unsharded.
+"""A (data=2, fsdp=2, tensor=2) mesh on 8 fake CPU devices: sharded == unsharded (forward,
+generation, training forward + loss and gradients); load_pam / load_sam2 place every part by
+the default rules and by a run's own `axis_rules` (tests/llm/sharded_check.py).
 
 Runs in a subprocess because the device count is fixed when JAX starts. Tolerance 1e-5:
 sharded matmuls reduce in a different order (float32).
