@@ -117,7 +117,7 @@ def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
 
 
 def _batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
-    """Consecutive image items in groups of `batch_size` regions (same task per group)."""
+    """Consecutive items in groups of `batch_size` regions (one task per group)."""
     out: list[list[Item]] = []
     for it in items:
         if out and len(out[-1]) < batch_size and out[-1][0].task == it.task:
@@ -222,7 +222,10 @@ class Runner:
 
     def predict(self, items: Sequence[Item]) -> Iterator[tuple[int, list[dict]]]:
         """(number of items finished, their prediction lines), group by group."""
-        images = [it for it in items if it.kind == "image"]
+        # grouped by task, then image: an image's regions share one SAM 2 call when they fit
+        images = sorted(
+            (it for it in items if it.kind == "image"), key=lambda it: (it.task, it.media[0])
+        )
         for group, decoded in _prefetch(_batches(images, self.batch_size)):
             yield len(group), self.image_group(group, decoded)
         for it in items:
@@ -254,6 +257,7 @@ def run_predictions(
     t0 = time.perf_counter()
     n = 0
     try:
+        progress = progress and os.environ.get("PAM_JAX_PROGRESS", "1") != "0"
         if progress:
             from tqdm.auto import tqdm
 

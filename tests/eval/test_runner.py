@@ -162,3 +162,56 @@ def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, ca
     assert m["n_missing"] == 1 and m["n_unknown"] == 1 and m["n_items"] == 2
     assert _eval(*base2, "--out", tmp_path / "s2", "--strict") == 2
     assert "--strict" in capsys.readouterr().err
+
+
+def test_evaluator_api_for_the_trainer(setup, data, tmp_path):  # noqa: F811
+    from pam_jax.evaluation.api import EvalConfig, Evaluator
+
+    _, model, tok, _ = setup
+    cfg = EvalConfig(data=str(data / "coco.json"), format="coco", batch_size=2, limit=2)
+    ev = Evaluator(cfg, tok, tmp_path / "eval", tensorboard_dir=tmp_path / "tb")
+    got = ev.run(model, step=5)
+    assert set(got) >= {"mIoU", "cIoU", "n_items", "n_skipped"} and got["n_items"] == 2
+    again = ev.run(model, step=5)  # same step: resumed from its predictions, same numbers
+    assert again == got
+    log = [json.loads(x) for x in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [5, 5] and log[0]["mIoU"] == got["mIoU"]
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard event file
+    assert (tmp_path / "eval" / "step_5" / "report.md").is_file()
+
+
+@pytest.mark.heavy
+def test_video_and_stream_items(setup, tmp_path):  # noqa: F811
+    """Video items == describe_video; stream events run in order with the previous event's
+    prediction as history (about a minute of compilation on 2 CPU cores: heavy)."""
+    from tests.pam.test_model import _frames
+
+    _, model, tok, _ = setup
+    d = tmp_path / "v"
+    d.mkdir()
+    frames = _frames(4)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(d / f"{i:05d}.png")
+    names = [f"{i:05d}.png" for i in range(4)]
+    rle = formats.encode_mask(np.ones((300, 420), bool))
+    (tmp_path / "v.jsonl").write_text(json.dumps(
+        {"id": "obj", "image_root": "v", "frames": names, "box": [40, 30, 200, 250],
+         "caption": "x", "masks": [rle] * 4}) + "\n")  # fmt: skip
+    (tmp_path / "s.jsonl").write_text(json.dumps(
+        {"video_id": "vid", "image_root": "v", "annotations": [
+            {"frames": names[:2], "gt": "a", "box": [[40, 30, 160, 220]]},
+            {"frames": names[2:], "gt": "b", "box": [[50, 40, 100, 100]]}]}) + "\n")  # fmt: skip
+    pred = PAMPredictor(model, tok, max_new_tokens=NEW)
+    runner = Runner(pred, batch_size=2)
+    (vid,) = formats.load(tmp_path / "v.jsonl", "video").items
+    (line,) = runner.video_item(vid)
+    want = pred.describe_video(frames, {"box": [40, 30, 200, 250]}, "video_caption")
+    assert line["pred"] == want.text and len(line["masks_rle"]) == 4
+    assert line["masks_rle"][2] == formats.encode_mask(want.masks[2])
+    (st,) = formats.load(tmp_path / "s.jsonl", "stream").items
+    lines = runner.stream_item(st)
+    assert [x["id"] for x in lines] == ["vid#0", "vid#1"]
+    first = pred.describe_video(frames[:2], {"box": [40, 30, 200, 250]}, "streaming_caption")
+    second = pred.describe_video(frames[2:], {"box": [50, 40, 150, 140]}, "streaming_caption",
+                                 history=first.text)  # fmt: skip
+    assert [x["pred"] for x in lines] == [first.text, second.text]
