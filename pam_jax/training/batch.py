@@ -34,7 +34,14 @@ FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "point_labels": (np.int32, ("prompt_labels", "point_labels")),
     "point_valid": (np.bool_, ("prompt_valid", "point_valid", "valid")),
     "example_valid": (np.bool_, ("example_valid",)),
+    "is_video": (np.bool_, ("is_video",)),
     "source_index": (np.int32, ("source_index",)),
+}
+# only with seg_loss > 0
+MASK_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "gt_masks": (np.uint8, ("gt_masks",)),
+    "mask_valid": (np.bool_, ("mask_valid",)),
+    "has_mask": (np.bool_, ("has_mask",)),
 }
 
 
@@ -42,15 +49,16 @@ class BatchError(ValueError):
     pass
 
 
-def step_arrays(batch: Any) -> dict[str, np.ndarray]:
-    """The step's fields of a data `Batch` (attribute or key access), cast to their dtypes."""
+def step_arrays(batch: Any, *, masks: bool = False) -> dict[str, np.ndarray]:
+    """The step's fields of a data `Batch` (attribute or key access), cast to their dtypes;
+    `masks` adds the ground-truth mask fields (for seg_loss)."""
     get = (
         (lambda n: batch.get(n))
         if isinstance(batch, Mapping)
         else (lambda n: getattr(batch, n, None))
     )
     out = {}
-    for k, (dt, names) in FIELDS.items():
+    for k, (dt, names) in (FIELDS | MASK_FIELDS if masks else FIELDS).items():
         v = next((get(n) for n in names if get(n) is not None), None)
         if v is None:
             raise BatchError(f"batch has no field {names[0]!r}")
@@ -70,6 +78,7 @@ def synthetic_batch(
     frames: int = 1,
     num_sources: int = 1,
     prompt_points: int = 2,
+    masks: bool = False,
 ) -> dict[str, np.ndarray]:
     """Random right-padded image (or video) samples of the release's layout: `text_before`
     template tokens, the visual block, then a supervised answer filling the row up to a random
@@ -104,7 +113,7 @@ def synthetic_batch(
     coords[:, 0], coords[:, 1] = x0, np.minimum(x1, s - 1)
     plab = np.full((b, prompt_points), -1, np.int32)
     plab[:, 0], plab[:, 1] = 2, 3
-    return {
+    out = {
         "text_ids": text,
         "visual_index": vidx,
         "is_visual": isv,
@@ -117,8 +126,17 @@ def synthetic_batch(
         "point_labels": plab,
         "point_valid": plab >= 0,
         "example_valid": np.ones(b, bool),
+        "is_video": np.full(b, frames > 1),
         "source_index": rng.integers(0, num_sources, b).astype(np.int32),
     }
+    if masks:  # the box of the prompt, filled
+        yy, xx = np.mgrid[0:s, 0:s]
+        gt = (xx[None] >= x0[:, :1, None]) & (xx[None] <= x1[:, :1, None])
+        gt &= (yy[None] >= x0[:, 1:, None]) & (yy[None] <= x1[:, 1:, None])
+        out["gt_masks"] = np.repeat(gt[:, None], frames, axis=1).astype(np.uint8)
+        out["mask_valid"] = np.ones((b, frames), bool)
+        out["has_mask"] = np.ones(b, bool)
+    return out
 
 
 def batch_spec(ndim: int) -> PartitionSpec:
@@ -147,7 +165,13 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.A
 
 
 def abstract_batch(
-    batch_size: int, seq_len: int, image_size: int, *, frames: int = 1, prompt_points: int = 2
+    batch_size: int,
+    seq_len: int,
+    image_size: int,
+    *,
+    frames: int = 1,
+    prompt_points: int = 2,
+    masks: bool = False,
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes / dtypes of a global batch (compile-only: no host arrays)."""
     b, L, s = batch_size, seq_len, image_size
@@ -156,6 +180,9 @@ def abstract_batch(
         "positions": (b, L), "labels": (b, L), "segment_ids": (b, L),
         "pixels": (b, frames, s, s, 3), "coords": (b, prompt_points, 2),
         "point_labels": (b, prompt_points), "point_valid": (b, prompt_points),
-        "example_valid": (b,), "source_index": (b,),
+        "example_valid": (b,), "is_video": (b,), "source_index": (b,),
     }  # fmt: skip
-    return {k: jax.ShapeDtypeStruct(v, FIELDS[k][0]) for k, v in shapes.items()}
+    if masks:
+        shapes.update(gt_masks=(b, frames, s, s), mask_valid=(b, frames), has_mask=(b,))
+    dts = FIELDS | MASK_FIELDS
+    return {k: jax.ShapeDtypeStruct(v, dts[k][0]) for k, v in shapes.items()}

@@ -88,7 +88,9 @@ def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool =
     )
     state = _abstract(state, trainer.state_shardings)
     frozen = _abstract(fr, trainer.frozen_shardings)
-    batch = batch_lib.abstract_batch(cfg.batch_size, seq_len, pc.sam2.image_size, frames=frames)
+    batch = batch_lib.abstract_batch(
+        cfg.batch_size, seq_len, pc.sam2.image_size, frames=frames, masks=cfg.seg_loss > 0
+    )
     bsh = batch_lib.batch_shardings(mesh, batch)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
     kind = getattr(devices[0], "device_kind", str(devices[0].platform))

@@ -20,7 +20,7 @@ from typing import Any
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
 
 PARTS = ("perceiver", "projectors", "newlines", "llm", "sam2_decoder", "sam2_encoder")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "dots_all")  # pam_jax.llm.config.REMAT
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,9 @@ class TrainConfig:
     train_parts: str = "perceiver,projectors,newlines"
     mesh: str = "1,-1,1"  # data,fsdp,tensor; -1 takes the remaining devices
     dtype: str = "auto"  # compute dtype: auto (bf16 on accelerators, float32 on CPU)
-    remat: str = "none"  # LLM layers: none | full (recompute all) | dots (keep matmul outputs)
+    # LLM layers: none | full (recompute each layer) | dots (keep weight-matmul outputs) |
+    # dots_all (keep every matmul output)
+    remat: str = "none"
     scan_layers: bool = False  # LLM layers under lax.scan (faster compiles at depth)
     attention: str = "auto"  # LLM training attention (pam_jax.llm hidden_states_train)
     seg_loss: float = 0.0  # weight of SAM 2's segmentation loss (0 = off)

@@ -11,6 +11,7 @@ resume.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ class SyntheticSource:
         return batch_lib.synthetic_batch(
             self.cfg.batch_size, self.seq_len, self.num_visual, pc.sam2.image_size,
             pc.llm.vocab_size, seed=self.cfg.seed * 1_000_003 + index,
-            frames=pc.num_frames if self.video else 1,
+            frames=pc.num_frames if self.video else 1, masks=self.cfg.seg_loss > 0,
         )  # fmt: skip
 
     def __iter__(self):
@@ -75,25 +76,29 @@ class PipelineSource:
             augment=cfg.augment,
             model_max_length=cfg.model_max_length,
             num_visual=pam_cfg.image_embeds_len,
+            num_visual_video=pam_cfg.video_embeds_len,
+            num_frames=pam_cfg.num_frames,
         )
-        spec = cfg.data
-        if cfg.image_root and spec.endswith(".jsonl"):
-            spec = (spec, cfg.image_root)
+        image_root = cfg.image_root or None
+        entries = pipeline.parse_spec(cfg.data, image_root)
+        self.source_names = [Path(e.path).stem for e in entries]
         self.it = iter(
             pipeline.make_dataset(
-                spec, tokenizer=tokenizer, cfg=pre, batch_size=cfg.batch_size // pc,
+                cfg.data, tokenizer=tokenizer, cfg=pre, batch_size=cfg.batch_size // pc,
                 seed=cfg.seed, shuffle=cfg.shuffle, augment=cfg.augment,
-                process_index=pi, process_count=pc,
+                process_index=pi, process_count=pc, image_root=image_root,
+                seq_bucket=(seq_len,) if seq_len else 64,
             )
         )  # fmt: skip
-        self.num_sources = int(getattr(self.it, "num_sources", 1) or 1)
+        self.num_sources = len(entries)
+        self.masks = cfg.seg_loss > 0
         self.seq_len = seq_len
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return batch_lib.step_arrays(next(self.it))
+        return batch_lib.step_arrays(next(self.it), masks=self.masks)
 
     def get_state(self) -> dict[str, Any]:
         return {"kind": "pipeline", "iterator": self.it.get_state()}

@@ -10,9 +10,9 @@ weighs micro-batches equally over accumulation steps and GPUs; pam-jax divides t
 token NLLs of the global batch by its supervised token count (invariant to mesh and
 accumulation).
 
-The LLM runs through `hidden_states_train` (pam_jax.llm: segment-aware attention that never
-builds [B, T, T]) and `pam_jax.llm.loss.lm_loss_sums` (vocabulary-chunked cross entropy) when
-they exist; until then through the fallbacks below (one function each, switched here only).
+The LLM runs through `Qwen2ForCausalLM.hidden_states_train` (segment-aware causal attention
+that never builds [B, T, T]) and `pam_jax.llm.loss.lm_loss_sums` (cross entropy chunked over
+the sequence, float32 logits of one chunk at a time).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from pam_jax.llm.loss import lm_loss_sums
 from pam_jax.pam import assembly
-from pam_jax.pam.model import PAM, image_regions
+from pam_jax.pam.model import PAM, RegionOutputs, image_region_outputs, video_regions
 from pam_jax.sam2.video_io import normalize_device
 
 IGNORE = -100
@@ -38,56 +39,6 @@ class LossOptions:
     seg_loss: float = 0.0
 
 
-def llm_hidden(llm, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, attention: str):
-    """Final-normed hidden states [B, T, H] for right-padded (or packed) rows."""
-    if hasattr(llm, "hidden_states_train"):
-        return llm.hidden_states_train(x, positions, segment_ids, attention=attention)
-    t = x.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = causal[None] & same & (segment_ids > 0)[:, None, :]
-    h, _ = llm.hidden_states(x, positions, mask)
-    return h
-
-
-def _lm_loss_sums_fallback(llm, hidden: jax.Array, labels: jax.Array, *, chunk: int = 512):
-    """(nll_sum, n_tokens) of next-token prediction, labels not yet shifted; the sequence is
-    cut into chunks whose float32 logits are recomputed in the backward pass."""
-    b, t, h = hidden.shape
-    tgt = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
-    c = min(chunk, t)
-    pad = (-t) % c
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        tgt = jnp.pad(tgt, ((0, 0), (0, pad)), constant_values=IGNORE)
-    n = (t + pad) // c
-    hs = hidden.reshape(b, n, c, h).swapaxes(0, 1)
-    ts = tgt.reshape(b, n, c).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(hc, tc):
-        logits = llm.logits(hc)  # [B, c, V] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        ok = tc != IGNORE
-        picked = jnp.take_along_axis(logits, jnp.where(ok, tc, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(ok, lse - picked, 0.0)), jnp.sum(ok.astype(jnp.int32))
-
-    def body(carry, xs):
-        s, k = one(*xs)
-        return (carry[0] + s, carry[1] + k), None
-
-    (s, k), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (hs, ts))
-    return s, k
-
-
-def lm_loss_sums(llm, hidden: jax.Array, labels: jax.Array, *, chunk: int = 512):
-    try:
-        from pam_jax.llm.loss import lm_loss_sums as impl
-    except ImportError:
-        impl = _lm_loss_sums_fallback
-    return impl(llm, hidden, labels, chunk=chunk)
-
-
 def row_loss_sums(llm, hidden, labels, chunk: int):
     """Per-row (nll_sum [B], n_tokens [B])."""
     return jax.vmap(lambda h, lab: lm_loss_sums(llm, h[None], lab[None], chunk=chunk))(
@@ -95,29 +46,96 @@ def row_loss_sums(llm, hidden, labels, chunk: int):
     )
 
 
-def visual_embeds(model: PAM, mb: Mapping[str, jax.Array]) -> jax.Array:
-    """[B, V, H] visual embeddings of a micro-batch of image samples (frame 0, one region each).
+def region_forward(model: PAM, mb: Mapping[str, jax.Array]) -> RegionOutputs:
+    """SAM 2 + PAM's parts on a micro-batch, one region per row prompted on frame 0.
 
-    SAM 2 is run under stop_gradient unless one of its parts is trained: the perceiver reads
-    its decoder taps, so with SAM 2 frozen no backward pass goes through it.
+    pixels [B, 1, S, S, 3]: the image path (visual [B, 1042, H]). pixels [B, F > 1, ...]: SAM 2
+    tracks the clip (`video_regions`, visual [B, 5168, H]); image rows of such a batch
+    (is_video False) take the image path on frame 0, padded to the video length (both paths
+    then run on every row: keep images and videos in separate batches where possible).
     """
-    if mb["pixels"].shape[1] != 1:
-        raise NotImplementedError(
-            "video samples need the batched video-regions forward (pam_jax.pam.model."
-            "video_regions), not available yet: train on image data"
-        )
-    px = normalize_device(mb["pixels"][:, 0])
-    visual, _, _ = image_regions(
-        model.sam2, model.parts, px, mb["coords"].astype(jnp.float32), mb["point_labels"],
-        mb["point_valid"],
-    )  # fmt: skip
-    return visual
+    frames = mb["pixels"].shape[1]
+    args = (mb["coords"].astype(jnp.float32), mb["point_labels"], mb["point_valid"])
+    first = normalize_device(mb["pixels"][:, 0])
+    img = image_region_outputs(model.sam2, model.parts, first, *args)
+    if frames == 1:
+        return img
+    vid = video_regions(model.sam2, model.parts, normalize_device(mb["pixels"]), *args)
+    is_vid = mb["is_video"]
+    pad = vid.visual.shape[1] - img.visual.shape[1]
+    img_visual = jnp.pad(img.visual, ((0, 0), (0, pad), (0, 0)))
+    visual = jnp.where(is_vid[:, None, None], vid.visual, img_visual.astype(vid.visual.dtype))
+    return vid.replace(visual=visual)
+
+
+def seg_loss_sums(out: RegionOutputs, mb: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """SAM 2's segmentation loss on the single-mask output of frame 0 (every frame for video
+    batches) against the ground-truth masks, summed over rows with a mask: 20 x sigmoid focal
+    (alpha 0.25, gamma 2, mean over pixels) + dice + |IoU prediction - IoU| + object-score BCE
+    (SAM 2's training weights). Predictions stay at the decoder's 4h x 4w; the masks are
+    area-downsampled to it (SAM 2 upsamples the predictions instead). Returns (sum, rows)."""
+    dec = out.decoder
+    logits = dec.masks[..., 0, :, :]  # [B, (F,) 4h, 4w] token 0 = the single mask
+    iou_pred = dec.iou_pred[..., 0]
+    obj = dec.object_score_logits[..., 0]
+    gt = mb["gt_masks"].astype(jnp.float32)  # [B, F, S, S]
+    if logits.ndim == 3:
+        gt = gt[:, 0]
+        valid = mb["has_mask"] & mb["mask_valid"][:, 0]
+    else:
+        valid = mb["has_mask"][:, None] & mb["mask_valid"]
+    h = logits.shape[-1]
+    s = gt.shape[-1]
+    gt = gt.reshape(*gt.shape[:-2], h, s // h, h, s // h).mean(axis=(-3, -1)) > 0.5
+    t = gt.astype(jnp.float32)
+    p = jax.nn.sigmoid(logits)
+    ce = optax_sigmoid_ce(logits, t)
+    p_t = p * t + (1 - p) * (1 - t)
+    focal = (0.25 * t + 0.75 * (1 - t)) * ce * (1 - p_t) ** 2
+    focal = focal.mean(axis=(-2, -1))
+    inter = (p * t).sum(axis=(-2, -1))
+    dice = 1 - (2 * inter + 1) / (p.sum(axis=(-2, -1)) + t.sum(axis=(-2, -1)) + 1)
+    hard = logits > 0
+    iou = (hard & gt).sum(axis=(-2, -1)) / jnp.maximum((hard | gt).sum(axis=(-2, -1)), 1)
+    iou_l1 = jnp.abs(iou_pred - jax.lax.stop_gradient(iou))
+    present = gt.any(axis=(-2, -1)).astype(jnp.float32)
+    cls = optax_sigmoid_ce(obj, present)
+    # no mask / IoU loss on frames without the object (SAM 2's rule); the score loss always
+    per = present * (20 * focal + dice + iou_l1) + cls
+    v = valid.astype(jnp.float32)
+    return jnp.sum(per * v), jnp.sum(v)
+
+
+def optax_sigmoid_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    import optax
+
+    return optax.sigmoid_binary_cross_entropy(logits, labels)
+
+
+def masked_labels(mb: Mapping[str, jax.Array]) -> jax.Array:
+    """labels with -100 on padding rows / positions (what the loss counts)."""
+    keep = mb["example_valid"][:, None] & mb["mask"]
+    return jnp.where(keep, mb["labels"], IGNORE)
+
+
+def supervised_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Tokens the loss counts in a (global) batch: shifted labels that are not ignored."""
+    return jnp.sum((masked_labels(batch)[:, 1:] >= 0).astype(jnp.int32))
+
+
+def seg_rows(batch: Mapping[str, jax.Array]) -> jax.Array:
+    if batch["pixels"].shape[1] == 1:
+        v = batch["has_mask"] & batch["mask_valid"][:, 0]
+    else:
+        v = batch["has_mask"][:, None] & batch["mask_valid"]
+    return jnp.sum(v.astype(jnp.float32))
 
 
 def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions):
     """Loss sums of one micro-batch: dict of nll [S] and n [S] per mixture source (S =
     opts.num_sources), plus scalars nll, n, positions (non-padding LLM positions)."""
-    visual = visual_embeds(model, mb)
+    out = region_forward(model, mb)
+    visual = out.visual
     llm = model.llm
     emb = llm.embed(mb["text_ids"])
     lay = assembly.Layout(
@@ -126,8 +144,8 @@ def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions)
     x = assembly.assemble(emb, visual, lay)
     valid_row = mb["example_valid"]
     seg = jnp.where(valid_row[:, None], mb["segment_ids"], 0)
-    hidden = llm_hidden(llm, x, mb["positions"], seg, opts.attention)
-    labels = jnp.where(valid_row[:, None] & mb["mask"], mb["labels"], IGNORE)
+    hidden = llm.hidden_states_train(x, mb["positions"], seg, attention=opts.attention)
+    labels = masked_labels(mb)
     nll_r, n_r = row_loss_sums(llm, hidden, labels, opts.chunk)
     src = jax.nn.one_hot(mb["source_index"], opts.num_sources, dtype=jnp.float32)
     return {
@@ -136,4 +154,12 @@ def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions)
         "positions": jnp.sum((mb["mask"] & valid_row[:, None]).astype(jnp.int32)),
         "src_nll": nll_r @ src,
         "src_n": n_r.astype(jnp.float32) @ src,
+        **_seg(out, mb, opts),
     }
+
+
+def _seg(out: RegionOutputs, mb, opts: LossOptions) -> dict[str, jax.Array]:
+    if not opts.seg_loss:
+        return {}
+    total, rows = seg_loss_sums(out, mb)
+    return {"seg": total, "seg_rows": rows}

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pam_jax.training import batch as batch_lib
 from pam_jax.training.config import ConfigError, TrainConfig
-from pam_jax.training.loss import LossOptions, micro_batch_sums
+from pam_jax.training.loss import LossOptions, micro_batch_sums, seg_rows, supervised_tokens
 from pam_jax.training.model import ModelSpec
 
 
@@ -138,10 +138,16 @@ class Trainer:
         }
 
     # ---- the step ----------------------------------------------------------------------
-    def _micro(self, params, frozen, mb):
+    def _micro(self, params, frozen, mb, n_tok, n_seg):
+        """The micro-batch's share of the global objective: its token NLL sum over the global
+        batch's supervised token count (+ seg_loss x its mask-loss sum over the global mask
+        count), so summing micro-batch gradients gives the global gradient exactly."""
         model = self.spec.merge({**params, **frozen})
         sums = micro_batch_sums(model, mb, self.opts)
-        return sums["nll"], sums
+        obj = sums["nll"] / n_tok
+        if self.opts.seg_loss:
+            obj = obj + self.opts.seg_loss * sums["seg"] / n_seg
+        return obj, sums
 
     def _step(self, state: TrainState, frozen, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         k = self.cfg.grad_accum
@@ -153,12 +159,14 @@ class Trainer:
             spec = PartitionSpec(None, row, *([None] * (x.ndim - 1)))
             return jax.lax.with_sharding_constraint(y, NamedSharding(self.mesh, spec))
 
+        n_tok = jnp.maximum(supervised_tokens(batch), 1).astype(jnp.float32)
+        n_seg = jnp.maximum(seg_rows(batch), 1.0) if self.opts.seg_loss else jnp.float32(1)
         mbs = jax.tree.map(split, batch)
         grad_fn = jax.grad(self._micro, has_aux=True)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
         def body(acc, mb):
-            g, sums = grad_fn(state.params, frozen, mb)
+            g, sums = grad_fn(state.params, frozen, mb, n_tok, n_seg)
             g_acc, s_acc = acc
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
 
@@ -169,10 +177,11 @@ class Trainer:
             "src_nll": jnp.zeros(self.opts.num_sources, jnp.float32),
             "src_n": jnp.zeros(self.opts.num_sources, jnp.float32),
         }
+        if self.opts.seg_loss:
+            s0.update(seg=jnp.float32(0), seg_rows=jnp.float32(0))
         (g, sums), _ = jax.lax.scan(body, (zeros, s0), mbs)
-        n = jnp.maximum(sums["n"], 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda x: x / n, g)
-        loss = sums["nll"] / n
+        grads = g
+        loss = sums["nll"] / n_tok
         gnorm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -192,6 +201,8 @@ class Trainer:
             "source_tokens": sums["src_n"],
             "finite": finite,
         }
+        if self.opts.seg_loss:
+            metrics["seg_loss"] = sums["seg"] / n_seg
         return new, metrics
 
     def step(self, state: TrainState, frozen, batch) -> tuple[TrainState, dict[str, jax.Array]]:

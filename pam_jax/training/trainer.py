@@ -150,10 +150,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
 
     trainable, frozen = spec.split(flat_params(model))
     del model
-    source = make_source(cfg, tok, pam_cfg, 0, jax.process_index(), jax.process_count())
-    seq_len = default_seq_len(cfg, source.num_visual if hasattr(source, "num_visual")
-                              else pam_cfg.image_embeds_len)  # fmt: skip
-    source.seq_len = seq_len
+    synthetic = cfg.data.startswith("synthetic")
+    video = cfg.data == "synthetic:video"
+    nv = pam_cfg.video_embeds_len if video else pam_cfg.image_embeds_len
+    # synthetic rows have one length; real data pads to seq_len, or to 64-multiples if 0
+    seq_len = default_seq_len(cfg, nv) if synthetic else cfg.seq_len
+    source = make_source(cfg, tok, pam_cfg, seq_len, jax.process_index(), jax.process_count())
     tx = make_optimizer(cfg, spec)
     trainer = Trainer.build(cfg, spec, tx, mesh, num_sources=source.num_sources)
     trainer.check_batch(cfg.batch_size)
@@ -168,10 +170,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
         source.set_state(data_state)
         start = int(jax.device_get(state.step))
         runlog.truncate(start)
-    else:
+    else:  # a fresh start (or a resume killed before its first checkpoint)
         state = trainer.init_state(trainable, cfg.seed)
+        runlog.truncate(0)
     peak = device_peak()
-    frames = pam_cfg.num_frames if cfg.data == "synthetic:video" else 1
     runlog.start(start)
     stopped = None
     last_loss = None
@@ -195,7 +197,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                 )
             last_loss = float(m["loss"])
             if step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                flops = model_flops(spec, float(m["positions"]), cfg.batch_size, seq_len, frames)
+                L, frames = local["text_ids"].shape[1], local["pixels"].shape[1]
+                flops = model_flops(spec, float(m["positions"]), cfg.batch_size, L, frames)
                 rec = {
                     "step": step,
                     "loss": last_loss,
@@ -206,6 +209,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                     "tokens": int(m["tokens"]),
                     "step_time_s": dt,
                 }
+                if "seg_loss" in m:
+                    rec["seg_loss"] = float(m["seg_loss"])
                 if source.num_sources > 1:
                     for i, name in enumerate(getattr(source, "source_names", range(
                             source.num_sources))):  # fmt: skip

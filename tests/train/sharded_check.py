@@ -3,8 +3,9 @@ PAM on several (data, fsdp, tensor) meshes equals the one-device step.
 
     python sharded_check.py MESH [MESH ...] [--accum]     MESH like 2,2,2
 
-Checks, per mesh: every large trained parameter and its Adam moments are really sharded
-(shard shapes asserted); the loss equals the one-device loss (rtol 1e-5: float32 sums in a
+Checks, per mesh: with FSDP every large (>= 4096 elements) trained parameter and its Adam
+moments are really sharded, with tensor parallelism alone at least 8 of them (shard shapes
+asserted); the loss equals the one-device loss (rtol 1e-5: float32 sums in a
 different order) and the updated parameters equal the one-device ones (atol 2e-7 with lr 1e-3
 and adam_eps 1e-3, so an update is ~linear in the gradient and sharded reduction-order noise
 (~1e-7 relative) moves parameters by ~1e-10); frozen parameters (SAM 2) are bit-identical after
@@ -70,7 +71,10 @@ def check_sharded(spec, state, mesh_shape):
         size = int(np.prod(x.shape))
         shard = x.sharding.shard_shape(x.shape)
         if size >= 4096 and any(n > 1 for n in mesh_shape[1:]):
-            assert int(np.prod(shard)) < size, f"{k} {x.shape} is not sharded on {mesh_shape}"
+            if int(np.prod(shard)) == size:
+                # FSDP shards every large trained tensor; tensor parallelism only some
+                assert mesh_shape[1] == 1, f"{k} {x.shape} is not sharded on {mesh_shape}"
+                continue
             part = spec.parts[k]
             adam = mu[part].inner_state[0]
             for moment in (adam.mu[k], adam.nu[k]):
@@ -101,7 +105,7 @@ def main(argv) -> int:
         compare(state, loss, f"mesh {shape}")
         n = check_sharded(spec, state, shape)
         if shape[1] > 1 or shape[2] > 1:
-            assert n >= 10, f"only {n} large trained parameters checked on {shape}"
+            assert n >= 8, f"only {n} large trained parameters sharded on {shape}"
         # the frozen SAM 2 is an input only: bit-identical, no optimizer state
         for k, v in frozen.items():
             assert np.array_equal(np.asarray(v), params[k]), k

@@ -1,0 +1,144 @@
+"""Run configs, overrides, parts, optimizer rules and the one-line errors (no compiles)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from pam_jax.training import config as C
+from pam_jax.training.model import abstract_model, decays, part_of, spec_for
+from pam_jax.training.optim import make_optimizer, schedule
+from pam_jax.training.step import Trainer, make_run_mesh
+from pam_jax.training.trainer import prepare_workdir
+
+MICRO = C.load_config("micro")
+
+
+def test_named_configs_resolve():
+    names = C.run_config_names()
+    for n in ("micro", "pam-3b-stage1", "pam-3b-stage1.5", "pam-3b-stage2", "pam-1.5b-stage2"):
+        assert n in names
+    s1, s2 = C.load_config("pam-3b-stage1"), C.load_config("pam-3b-stage2")
+    assert s1.parts == ("perceiver", "projectors", "newlines")
+    assert s2.parts == ("perceiver", "projectors", "newlines", "llm")
+    assert (s1.batch_size, s2.batch_size) == (1024, 256)
+    assert MICRO.validate() is MICRO
+
+
+def test_overrides_are_typed():
+    cfg = C.apply_overrides(
+        MICRO, ["steps=7", "learning_rate=3e-4", "shuffle=false", "mesh=2,-1,1", "lr_llm=1e-6"]
+    )
+    assert (cfg.steps, cfg.learning_rate, cfg.shuffle, cfg.mesh_shape) == (
+        7,
+        3e-4,
+        False,
+        (2, -1, 1),
+    )
+    assert cfg.lr_for("llm") == 1e-6 and cfg.lr_for("perceiver") == 3e-4
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(C.ConfigError) as e:
+        C.apply_overrides(MICRO, ["stepz=3"])
+    msg = str(e.value)
+    assert "stepz" in msg and "valid keys:" in msg
+    for k in ("train_parts", "grad_accum", "seg_loss", "mesh", "remat", "keep", "eval_every"):
+        assert k in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("shuffle=maybe", "boolean"),
+        ("steps=1.5", "integer"),
+        ("mesh=2,2", "data,fsdp,tensor"),
+        ("mesh=-1,-1,1", "at most one -1"),
+        ("train_parts=perceiver,vision", "unknown ['vision']"),
+        ("batch_size=6", "multiple of grad_accum"),
+        ("remat=some", "remat must be"),
+    ],
+)
+def test_bad_values(override, words):
+    with pytest.raises(C.ConfigError, match=None) as e:
+        C.apply_overrides(MICRO.replace(grad_accum=4), [override]).validate()
+    assert words in str(e.value)
+
+
+def test_print_config_cli(capsys):
+    from pam_jax.cli import main
+
+    assert main(["train", "--config", "micro", "steps=3", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 3 and out["model"] == "models/micro-pam.json"
+    assert main(["train", "--config", "micro", "nope=1"]) == 2
+    assert "unknown config key(s) nope" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return spec_for(abstract_model(MICRO), MICRO.parts)
+
+
+def test_parts_cover_every_parameter(spec):
+    parts = {spec.parts[k] for k in spec.keys}
+    assert parts == {"perceiver", "projectors", "newlines", "llm", "sam2_decoder", "sam2_encoder"}
+    assert part_of("parts.image_newline") == "newlines"
+    assert part_of("sam2.image_encoder.trunk.patch_embed.proj.kernel") == "sam2_encoder"
+    assert part_of("sam2.sam_mask_decoder.iou_token.embedding") == "sam2_decoder"
+    assert all(spec.parts[k] in MICRO.parts for k in spec.trainable)
+    assert not any(k.startswith("sam2.") for k in spec.trainable)
+    # decay only on matrices: no norms, biases, newline vectors
+    assert decays("llm.model.layers.0.mlp.up_proj.kernel", 2)
+    assert not decays("llm.model.layers.0.input_layernorm.weight", 1)
+    assert not decays("llm.model.layers.0.self_attn.q_proj.bias", 1)
+    assert not decays("parts.image_newline", 1)
+    assert decays("llm.model.embed_tokens.embedding", 2)
+
+
+def test_optimizer_state_only_for_trainable(spec):
+    tx = make_optimizer(MICRO, spec)
+    abstract = {k: jax.ShapeDtypeStruct(spec.shapes[k], np.float32) for k in spec.trainable}
+    st = jax.eval_shape(tx.init, abstract)
+    n_leaves = len(jax.tree.leaves(st))
+    # Adam mu + nu per trainable tensor, plus step counters
+    assert 2 * len(spec.trainable) <= n_leaves <= 2 * len(spec.trainable) + 16
+
+
+def test_schedule_warmup_cosine():
+    cfg = MICRO.replace(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    s = schedule(cfg, cfg.learning_rate)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose(float(s(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(s(100)), 1e-4, rtol=1e-5)
+    half = schedule(cfg, 5e-4)  # a part at half the rate keeps the ratio down to its floor
+    np.testing.assert_allclose(float(half(100)), 5e-5, rtol=1e-5)
+    assert isinstance(
+        make_optimizer(cfg, spec_for(abstract_model(cfg), cfg.parts)), optax.GradientTransformation
+    )
+
+
+def test_mesh_and_batch_errors():
+    n = len(jax.devices())
+    with pytest.raises(C.ConfigError, match="does not fit"):
+        make_run_mesh(f"{n + 1},1,1")
+    mesh = make_run_mesh("1,-1,1")
+    fake = types.SimpleNamespace(cfg=MICRO.replace(batch_size=6, grad_accum=4), mesh=mesh)
+    with pytest.raises(C.ConfigError, match="cannot split"):
+        Trainer.check_batch(fake, 6)
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+    cfg = MICRO.replace(workdir=str(tmp_path / "w"))
+    prepare_workdir(cfg, resume=False)
+    with pytest.raises(C.ConfigError, match="already holds a run"):
+        prepare_workdir(cfg, resume=False)
+    with pytest.raises(C.ConfigError, match="differs in learning_rate"):
+        prepare_workdir(cfg.replace(learning_rate=0.5), resume=True)
+    prepare_workdir(cfg.replace(steps=99), resume=True)  # steps may change

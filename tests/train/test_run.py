@@ -1,0 +1,151 @@
+"""`pam-jax train` end to end on the micro config (subprocesses, synthetic data, CPU):
+SIGKILL at a random step then --resume gives the uninterrupted run's losses; SIGTERM leaves a
+checkpoint; a run saved on 8 devices resumes on 4 (heavy); the workdir holds the logs and an
+exported model directory that `load_pam` reads.
+
+Losses are compared with rtol 1e-6 on the same device count (the same compiled program on the
+same data is deterministic on CPU; the tolerance only absorbs JSON float printing) and 1e-5
+across device counts (float32 sums in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+STEPS = 6
+
+
+def _env(cache: Path, devices: int = 1) -> dict:
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PAM_JAX_COMPILATION_CACHE=str(cache),
+    )
+
+
+def _cmd(workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pam_jax.train.cli", "--config", "micro", f"workdir={workdir}",
+        f"steps={STEPS}", "save_every=2", "mesh=1,-1,1", *extra,
+    ]  # fmt: skip
+
+
+def _run(cmd, env, timeout=900) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def _wait_lines(path: Path, n: int, proc, timeout=900) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the run ended before the signal"
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for metrics")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    wd = tmp_path_factory.mktemp("run") / "a"
+    _run(_cmd(wd), _env(cache))
+    return wd
+
+
+def test_run_writes_logs_and_export(uninterrupted):
+    wd = uninterrupted
+    losses = _losses(wd)
+    assert sorted(losses) == list(range(STEPS))
+    rec = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
+    for k in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"):
+        assert k in rec
+    assert rec["mfu"] is None  # CPU: no datasheet peak
+    assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
+    assert json.loads((wd / "config.json").read_text())["steps"] == STEPS
+    assert "jax" in json.loads((wd / "versions.json").read_text())
+    assert (wd / "loss.png").stat().st_size > 0
+    assert any((wd / "tb").iterdir())
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [
+        4,
+        6,
+    ]  # keep=2
+
+    import jax.numpy as jnp
+
+    from pam_jax.pam.model import load_pam
+
+    model, cfg, _ = load_pam(wd / "export", llm_dtype=jnp.float32, resize_to_tokenizer=False)
+    assert cfg.llm.vocab_size == 512 and model.parts.image_newline.shape == (64,)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path, cache):
+    ref = _losses(uninterrupted)
+    wd = tmp_path / "b"
+    kill_after = random.randint(2, STEPS - 1)  # metrics lines seen before SIGKILL
+    print("SIGKILL after", kill_after, "logged steps")
+    p = subprocess.Popen(_cmd(wd), env=_env(cache), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_lines(wd / "metrics.jsonl", kill_after, p)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    assert len(_losses(wd)) < STEPS
+    _run(_cmd(wd, "--resume"), _env(cache))
+    got = _losses(wd)
+    assert sorted(got) == list(range(STEPS))
+    np.testing.assert_allclose([got[s] for s in range(STEPS)], [ref[s] for s in range(STEPS)],
+                               rtol=1e-6)  # fmt: skip
+
+
+def test_sigterm_leaves_checkpoint(tmp_path, cache):
+    wd = tmp_path / "c"
+    cmd = _cmd(wd, "steps=1000", "save_every=0")
+    p = subprocess.Popen(cmd, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    try:
+        _wait_lines(wd / "metrics.jsonl", 2, p)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "checkpoint saved" in err
+    steps = [int(x.name) for x in (wd / "checkpoints").iterdir() if x.name.isdigit()]
+    assert steps and max(steps) >= 2
+
+
+@pytest.mark.heavy
+def test_checkpoint_from_8_devices_resumes_on_4(uninterrupted, tmp_path, cache):
+    ref = _losses(uninterrupted)
+    wd = tmp_path / "d"
+    _run(_cmd(wd, "steps=2"), _env(cache, devices=8))
+    _run(_cmd(wd, "--resume", f"steps={STEPS}"), _env(cache, devices=4))
+    got = _losses(wd)
+    np.testing.assert_allclose([got[s] for s in range(STEPS)], [ref[s] for s in range(STEPS)],
+                               rtol=1e-5)  # fmt: skip
