@@ -81,6 +81,7 @@ class Trainer:
     frozen_shardings: dict[str, NamedSharding]
     state_shardings: TrainState
     step_fn: Any = None
+    _eval_fn: Any = None
 
     @classmethod
     def build(
@@ -204,6 +205,22 @@ class Trainer:
         if self.opts.seg_loss:
             metrics["seg_loss"] = sums["seg"] / n_seg
         return new, metrics
+
+    def _eval(self, params, frozen, batch) -> dict[str, jax.Array]:
+        model = self.spec.merge({**params, **frozen})
+        sums = micro_batch_sums(model, batch, self.opts)
+        return {"nll": sums["nll"], "n": sums["n"]}
+
+    def eval_sums(self, state: TrainState, frozen, batch) -> dict[str, jax.Array]:
+        """Validation loss sums (token NLL, token count) of one batch, no update."""
+        if self._eval_fn is None:
+            rep = self.state_shardings.step
+            self._eval_fn = jax.jit(
+                self._eval, in_shardings=(self.param_shardings, self.frozen_shardings, None),
+                out_shardings=rep,
+            )  # fmt: skip
+        with jax.set_mesh(self.mesh):
+            return self._eval_fn(state.params, frozen, batch)
 
     def step(self, state: TrainState, frozen, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):

@@ -81,11 +81,20 @@ def prepare_workdir(cfg: TrainConfig, resume: bool) -> Path:
             )
     elif resume and (wd / "checkpoints").is_dir():
         raise ConfigError(f"cannot resume {wd}: it has checkpoints but no config.json")
+    _barrier("workdir checked")  # every process checks before the first one writes
     if jax.process_index() == 0:
         wd.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (wd / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    _barrier("workdir written")
     return wd
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -222,8 +231,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
             if sig.received is not None:
                 stopped = sig.received
                 break
+            val = None
+            if cfg.eval_data and cfg.eval_every and step % cfg.eval_every == 0:
+                val = validate(cfg, trainer, state, frozen_dev, tok, pam_cfg, seq_len, mesh)
+                runlog.log_eval({"step": step, **val})
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                ckpt.save(step, state, source.get_state(), cfg.to_dict())
+                metrics = None if val is None else {"val_loss": val["val_loss"]}
+                ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
     if ckpt.latest_step() != step:
         ckpt.save(step, state, source.get_state(), cfg.to_dict())
     ckpt.close()
@@ -231,11 +245,41 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     summary = {"step": step, "loss": last_loss, "stopped_by_signal": stopped}
     if stopped is None:
         runlog.plot()
-        if cfg.export and main:
-            full = {**jax.device_get(state.params), **jax.device_get(frozen_dev)}
-            export_model(spec, full, wd / "export", tokenizer_dir=_tokenizer_dir(cfg))
+        if cfg.export:
+            full = _gather({**state.params, **frozen_dev})  # every process takes part
+            if main:
+                export_model(spec, full, wd / "export", tokenizer_dir=_tokenizer_dir(cfg))
             summary["export"] = str(wd / "export")
     return summary
+
+
+EVAL_BATCHES = 8
+
+
+def validate(cfg, trainer, state, frozen, tok, pam_cfg, seq_len, mesh) -> dict[str, float]:
+    """Validation loss over the first EVAL_BATCHES batches of `eval_data` (no shuffling or
+    augmentation; the same batches every time)."""
+    ecfg = cfg.replace(data=cfg.eval_data, shuffle=False, augment=False)
+    src = make_source(ecfg, tok, pam_cfg, seq_len, jax.process_index(), jax.process_count())
+    nll, n = 0.0, 0
+    for _ in range(EVAL_BATCHES):
+        try:
+            local = next(src)
+        except StopIteration:
+            break
+        s = _host(trainer.eval_sums(state, frozen, batch_lib.global_batch(mesh, local)))
+        nll, n = nll + float(s["nll"]), n + int(s["n"])
+    return {"val_loss": nll / max(n, 1), "val_tokens": n}
+
+
+def _gather(arrays: dict) -> dict[str, np.ndarray]:
+    """Host copies of (possibly multi-process sharded) arrays."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(jax.device_get(v)) for k, v in arrays.items()}
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+            for k, v in arrays.items()}  # fmt: skip
 
 
 def _tokenizer_dir(cfg: TrainConfig):

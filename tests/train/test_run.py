@@ -149,3 +149,38 @@ def test_checkpoint_from_8_devices_resumes_on_4(uninterrupted, tmp_path, cache):
     got = _losses(wd)
     np.testing.assert_allclose([got[s] for s in range(STEPS)], [ref[s] for s in range(STEPS)],
                                rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.heavy
+def test_two_processes_give_the_one_process_loss(uninterrupted, tmp_path, cache):
+    """jax.distributed with CPU (gloo) collectives: each process reads half of every global
+    batch; the losses equal the one-process run's (rtol 1e-5, float32 sums in another order)."""
+    import socket
+
+    ref = _losses(uninterrupted)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = tmp_path / "mp"
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                wd,
+                "steps=3",
+                "export=false",
+                f"--coordinator=127.0.0.1:{port}",
+                "--num-processes=2",
+                f"--process-id={i}",
+            ),
+            env=_env(cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=1500) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = _losses(wd)
+    np.testing.assert_allclose([got[s] for s in range(3)], [ref[s] for s in range(3)], rtol=1e-5)
