@@ -167,6 +167,16 @@ def make_mesh(
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types, devices=devices)
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Any) -> PartitionSpec:
+    """`spec` with every dimension that its mesh axes do not divide evenly replicated."""
+    dims = []
+    for n, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in group])) if group else 1
+        dims.append(axes if n % size == 0 else None)
+    return PartitionSpec(*dims)
+
+
 def named_sharding(
     mesh: Mesh, names: Sequence[str | None] | None, shape: Sequence[int] | None = None
 ) -> NamedSharding:
@@ -174,24 +184,18 @@ def named_sharding(
     dimension that its mesh axes do not divide evenly is replicated instead (a 3-channel conv,
     a vocabulary cut to the tokenizer's 151665 rows)."""
     spec = logical_to_spec(names)
-    if shape is not None:
-        dims = []
-        for n, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            group = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            size = int(np.prod([mesh.shape[a] for a in group])) if group else 1
-            dims.append(axes if n % size == 0 else None)
-        spec = PartitionSpec(*dims)
-    return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, spec if shape is None else fit_spec(spec, shape, mesh))
 
 
-def _current_mesh() -> Any | None:
+def current_mesh() -> Any | None:
+    """The abstract mesh set by `jax.set_mesh`, or None."""
     m = jax.sharding.get_abstract_mesh()
     return None if m is None or m.empty else m
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names (current rules); a no-op when no mesh is set."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))

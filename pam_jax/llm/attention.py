@@ -30,6 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from pam_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "chunked", "cudnn", "splash", "dense")
 _NEG = float(np.finfo(np.float32).min)
@@ -94,18 +97,25 @@ def _allowed(seg_q, seg_k, pos_q, pos_k) -> jax.Array:
     return same & (pos_k[None, None, :] <= pos_q[None, :, None])
 
 
-def dense_attention(q, k, v, segment_ids) -> jax.Array:
-    """Reference with a [B, KV, G, T, T] score tensor (tests only)."""
+def masked_gqa(q, k, v, mask) -> jax.Array:
+    """Grouped-query attention with an explicit mask, K/V never repeated: q [B, T, H, D],
+    k / v in the cache layout [B, KV, S, D], mask [B, T, S] bool -> [B, T, H, D] in q's dtype.
+    Float32 scores and softmax; a row with no allowed key averages all (callers mask it)."""
     b, t, h, d = q.shape
-    nkv = k.shape[2]
-    pos = jnp.arange(t)
-    mask = _allowed(segment_ids, segment_ids, pos, pos)
+    nkv = k.shape[1]
     qg = q.reshape(b, t, nkv, h // nkv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
     s = jnp.where(mask[:, None, None], s, _NEG)
-    p = jnp.where(mask[:, None, None], jax.nn.softmax(s, axis=-1), 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", p, v).reshape(b, t, h, d).astype(q.dtype)
+
+
+def dense_attention(q, k, v, segment_ids) -> jax.Array:
+    """Reference with a [B, KV, G, T, T] score tensor (tests only); padding queries -> 0."""
+    pos = jnp.arange(q.shape[1])
+    mask = _allowed(segment_ids, segment_ids, pos, pos)
+    out = masked_gqa(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    return jnp.where((segment_ids != 0)[..., None, None], out, 0).astype(q.dtype)
 
 
 # ---- chunked (flash-style) --------------------------------------------------------------
@@ -326,10 +336,21 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False) -> jax.Ar
     def one(qh, kh, vh, seg):  # qh [G, T, D], kh / vh [T, D]
         return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=seg, kv=seg))
 
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_head)(qg, kk, vv, segment_ids)  # [B, KV, G, T, D]
-    # splash gives padding queries (segment 0) attention over padding keys; zero them
-    out = jnp.where((segment_ids != 0)[:, None, None, :, None], out, 0)
+    def local(qg, kk, vv, seg):
+        out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qg, kk, vv, seg)
+        # splash gives padding queries (segment 0) attention over padding keys; zero them
+        return jnp.where((seg != 0)[:, None, None, :, None], out, 0)  # [B, KV, G, T, D]
+
+    mesh = sharding.current_mesh()
+    if mesh is not None:  # a Mosaic kernel is not auto-partitioned: run it per shard
+        names = sharding.logical_to_spec(("batch", "act_kv_heads"))
+        bs, hs = sharding.fit_spec(names, (b, nkv), mesh)
+        qspec, kspec = P(bs, hs, None, None, None), P(bs, hs, None, None)
+        local = jax.shard_map(
+            local, mesh=mesh, in_specs=(qspec, kspec, kspec, P(bs, None)), out_specs=qspec,
+            check_vma=False,
+        )  # fmt: skip
+    out = local(qg, kk, vv, segment_ids)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 

@@ -34,8 +34,6 @@ from pam_jax.llm import attention as attn
 from pam_jax.llm.config import REMAT, Qwen2Config
 from pam_jax.sharding import constrain
 
-_NEG = float(jnp.finfo(jnp.float32).min)
-
 
 class KVCache(NamedTuple):
     """Keys, values: tuples of per-layer `[B, KV, S, D]` arrays, or stacked `[L, B, KV, S, D]`."""
@@ -134,7 +132,6 @@ class Qwen2Attention(nnx.Module):
         """
         b, t, _ = x.shape
         d, nkv = self.head_dim, self.num_kv
-        g = self.num_heads // nkv
         q = self.q_proj(x).reshape(b, t, self.num_heads, d)
         k = self.k_proj(x).reshape(b, t, nkv, d)
         v = self.v_proj(x).reshape(b, t, nkv, d)
@@ -166,13 +163,7 @@ class Qwen2Attention(nnx.Module):
             slots = jnp.arange(k.shape[2])
             start, end = mask
             mask = ((slots[None] >= start[:, None]) & (slots[None] < end[:, None]))[:, None, :]
-        # grouped-query attention without repeating K/V: q [B, T, KV, G, D]
-        q = q.reshape(b, t, nkv, g, d)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (d**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, self.num_heads * d)
+        out = attn.masked_gqa(q, k, v, mask).reshape(b, t, self.num_heads * d)
         out = constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), kv
 
