@@ -32,25 +32,23 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _device_params(spec, seed: int = 0):
-    """N(0, 0.02) parameters (norm scales 1) made on the device, sharded as the step wants."""
+def _device_params(spec, shardings: dict, seed: int = 0) -> dict:
+    """N(0, 0.02) parameters (norm scales 1) made on the device tensor by tensor (eager: one
+    small kernel per shape, no giant init program), placed with the step's shardings."""
     import jax
     import jax.numpy as jnp
 
-    keys = list(spec.keys)
-
-    def make(key):
-        out = {}
-        for i, k in enumerate(keys):
-            shape = spec.shapes[k]
-            leaf = k.rsplit(".", 1)[-1]
-            if leaf in ("scale", "weight") and len(shape) == 1:
-                out[k] = jnp.ones(shape, jnp.float32)
-            else:
-                out[k] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-        return out
-
-    return make, keys
+    out = {}
+    key = jax.random.key(seed)
+    for i, k in enumerate(spec.keys):
+        shape = spec.shapes[k]
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ("scale", "weight") and len(shape) == 1:
+            x = jnp.ones(shape, jnp.float32)
+        else:
+            x = 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+        out[k] = jax.device_put(x, shardings[k])
+    return out
 
 
 def bench_jax(size: str, batches: list[int], args) -> list[dict]:
@@ -78,11 +76,7 @@ def bench_jax(size: str, batches: list[int], args) -> list[dict]:
             spec = spec_for(abstract_model(cfg), cfg.parts)
             mesh = make_run_mesh("1,1,1", jax.devices()[:1])
             trainer = Trainer.build(cfg, spec, make_optimizer(cfg, spec), mesh)
-            make, _ = _device_params(spec)
-            with jax.set_mesh(mesh):
-                params = jax.jit(make, out_shardings={**trainer.param_shardings,
-                                                      **trainer.frozen_shardings})(
-                    jax.random.key(0))  # fmt: skip
+            params = _device_params(spec, {**trainer.param_shardings, **trainer.frozen_shardings})
             tr, fr = spec.split(params)
             state, frozen = trainer.init_state(tr), fr
             pc = spec.config
