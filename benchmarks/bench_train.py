@@ -222,6 +222,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
     batches = [int(x) for x in args.batches.split(",")]
     if args.tiny:
+        args.models = "micro"
         batches = [min(b, 2) for b in batches[:1]]
         args.steps = min(args.steps, 2)
     res: dict = {"results": []}
