@@ -188,9 +188,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     last_loss = None
     t_prev = time.perf_counter()
     step = start
+    truncated = 0  # this process's rows cut at model_max_length since (re)start
     with _Signals() as sig:
         while step < cfg.steps:
             local = next(source)
+            # rows at model_max_length were cut by the data pipeline (the release cuts too)
+            truncated += int(np.sum(local["mask"].sum(axis=1) >= cfg.model_max_length))
             gb = batch_lib.global_batch(mesh, local)
             state, m = trainer.step(state, frozen_dev, gb)
             m = _host(m)
@@ -217,6 +220,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                     "mfu": None if peak is None else flops / dt / (peak * len(mesh.devices.flat)),
                     "tokens": int(m["tokens"]),
                     "step_time_s": dt,
+                    "truncated": truncated,
                 }
                 if "seg_loss" in m:
                     rec["seg_loss"] = float(m["seg_loss"])
