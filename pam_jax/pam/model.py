@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pam_jax.pam import assembly
 from pam_jax.pam.config import PAMConfig
 from pam_jax.pam.perceiver import SemanticPerceiver
 from pam_jax.pam.projector import MLPProjector, newline_param
-from pam_jax.sam2.model import NO_OBJ_SCORE, SAM2Base
-from pam_jax.sam2.ops import resize_bilinear
+from pam_jax.sam2.config import SAM2Config
+from pam_jax.sam2.mask_decoder import AllMasks
+from pam_jax.sam2.memory import MemoryBank, init_memory_bank, insert_memory
+from pam_jax.sam2.model import SAM2Base
+from pam_jax.sam2.tracking import MASK, POINTS, FrameFeatures, StepOutput, StepPrompts
 
 PARTS = (
     "vision_resampler", "mm_projector_img", "mm_projector_semT",
@@ -115,6 +118,89 @@ class PAM(nnx.Module):
         )
 
 
+@struct.dataclass
+class RegionOutputs:
+    """What one SAM 2 + PAM pass over regions gives: the LLM's visual embeddings, the masks
+    and scores PAM returns, and SAM 2's decoder outputs (what its losses read)."""
+
+    visual: jax.Array  # [N, 1042, H] image / [B, 5168, H] video
+    low_res_masks: jax.Array  # [N, 4h, 4w] image / [B, F, 4h, 4w] video, gated float32
+    object_score_logits: jax.Array  # [N] image / [B, F] video
+    decoder: AllMasks  # every token: masks [N, 4, 4h, 4w], iou_pred [N, 4], ... (video [B, F])
+
+
+def region_prompts_step(
+    coords: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    mask_inputs: jax.Array | None = None,
+    is_mask: jax.Array | None = None,
+) -> StepPrompts:
+    """PAM's prompted (conditioning) frame: POINTS rows, MASK rows where is_mask, always the
+    single-mask output (`multimask_output_in_sam: False`)."""
+    n = labels.shape[0]
+    mode = jnp.full((n,), POINTS, jnp.int32)
+    if mask_inputs is not None:
+        mode = jnp.where(is_mask, MASK, mode)
+    return StepPrompts(mode, jnp.zeros((n,), bool), coords, labels, valid, mask_inputs)
+
+
+def pam_track_step(
+    sam2: SAM2Base,
+    feats: FrameFeatures,
+    prompts: StepPrompts,
+    bank: MemoryBank | None,
+    frame_idx: jax.Array | int,
+    num_frames: jax.Array | int,
+    *,
+    is_cond: bool,
+) -> tuple[StepOutput, MemoryBank | None]:
+    """One frame of SAM 2 as PAM's fork runs it: `SAM2Base.track_step` in single-mask mode
+    without the stability fallback (PAM's decoder), the prompted frame's memory stored in
+    bfloat16 and tracked frames' in float32 (pam.md 8). With a bank, the frame's memory is
+    inserted (is_cond: as the conditioning frame)."""
+    if not is_cond:
+        prompts = StepPrompts.tracking(prompts.mode.shape[0]).replace(
+            multimask=jnp.zeros_like(prompts.multimask)
+        )
+    out = sam2.track_step(
+        feats, prompts, None if is_cond else bank, frame_idx, num_frames,
+        encode=bank is not None, dynamic_multimask=False,
+        mem_dtype=jnp.bfloat16 if is_cond else jnp.float32,
+    )  # fmt: skip
+    if bank is not None:
+        bank = insert_memory(bank, frame_idx, out.maskmem_features, out.obj_ptr, is_cond)
+    return out, bank
+
+
+def pam_memory_bank(cfg: SAM2Config, batch_size: int) -> MemoryBank:
+    """PAM's bank: one conditioning frame (frame 0) and float32 tracked memories."""
+    bank = init_memory_bank(cfg, batch_size, num_cond=1)
+    return bank.replace(recent_feats=bank.recent_feats.astype(jnp.float32))
+
+
+def image_region_outputs(
+    sam2: SAM2Base,
+    parts: PAMParts,
+    image: jax.Array,
+    coords: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    mask_inputs: jax.Array | None = None,
+    is_mask: jax.Array | None = None,
+) -> RegionOutputs:
+    """`image_regions` with SAM 2's decoder outputs (for the trainer's SAM 2 losses)."""
+    n = labels.shape[0]
+    if image.shape[0] not in (1, n):
+        raise ValueError(f"{image.shape[0]} images for {n} regions: give 1 image or one per region")
+    feats = sam2.frame_features(image)
+    prompts = region_prompts_step(coords, labels, valid, mask_inputs, is_mask)
+    out, _ = pam_track_step(sam2, feats, prompts, None, 0, 1, is_cond=True)
+    dec = out.decoder
+    visual = parts.image_visual_embeds(dec.mid_image_embed, dec.mid_single_tokens)
+    return RegionOutputs(visual, out.pred_masks, out.object_score_logits[:, 0], dec)
+
+
 def image_regions(
     sam2: SAM2Base,
     parts: PAMParts,
@@ -125,49 +211,77 @@ def image_regions(
     mask_inputs: jax.Array | None = None,
     is_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """N regions of one image through SAM 2 and PAM's parts, as the release's 1-frame video
-    predictor sees them.
+    """N regions through SAM 2 and PAM's parts, as the release's 1-frame video predictor sees
+    them; pure and static-shaped (usable under jit and jax.grad).
 
-    image [1, S, S, 3] normalized; coords [N, P, 2] model-input pixels, labels [N, P]
-    (2 / 3 box corners, 1 / 0 clicks, -1 padding), valid [N, P]. The conditioning frame's
-    features are the backbone's plus `no_mem_embed`; the decoder runs in single-mask mode
-    (`multimask_output_in_sam: False`).
+    image [1, S, S, 3] normalized (N regions of one image) or [N, S, S, 3] (one region per
+    image); coords [N, P, 2] model-input pixels, labels [N, P] (2 / 3 box corners, 1 / 0
+    clicks, -1 padding), valid [N, P] (`pam_jax.sam2.prompts.pad_prompts` builds all three).
+    The conditioning frame's features are the backbone's plus `no_mem_embed`; the decoder runs
+    in single-mask mode (`multimask_output_in_sam: False`) without the stability fallback.
 
-    Mask prompts (rows where is_mask [N] is set; mask_inputs [N, S, S] binary floats, the
-    mask as `add_new_mask` resizes it) follow `_use_mask_as_output`, the path the release's
-    fork crashes on (it unpacks 7 of its 9 `_forward_sam_heads` outputs): the output mask
-    is the input mask (+-10 logits, antialiased down to 4h x 4w), the object score +-10 by
-    presence, and the perceiver taps come from the decoder call that path makes: raw
-    backbone features (no `no_mem_embed`), dense prompt `mask_downsample(mask)`, the
-    prompt-less (0, 0) / -1 point (the caller's row holds it), single-mask mode.
+    Mask prompts (rows where is_mask [N]; mask_inputs [N, S, S] binary floats, the mask as
+    `add_new_mask` resizes it) follow `_use_mask_as_output`, the path the release's fork
+    crashes on (it unpacks 7 of its 9 `_forward_sam_heads` outputs): the output mask is the
+    input mask (+-10 logits, antialiased down to 4h x 4w), the object score +-10 by presence,
+    and the perceiver taps come from the decoder call that path makes: raw backbone features
+    (no `no_mem_embed`), dense prompt `mask_downsample(mask)`, the prompt-less (0, 0) / -1
+    point (the caller's row holds it), single-mask mode.
 
     Returns (visual embeddings [N, 1042, H], low-res mask logits [N, 4h, 4w] gated by the
     object score as the video predictor does, object score logits [N]).
     """
-    feats = sam2.image_features(image)
-    embed, dense, has = feats["image_embed"], None, None
-    if mask_inputs is not None:
-        raw = embed - sam2.no_mem_embed[...].reshape(1, 1, 1, -1)
-        sel = is_mask[:, None, None, None]
-        embed = jnp.where(sel, raw, embed)  # [N, h, w, C]
-        dense = sam2.mask_downsample(mask_inputs[..., None].astype(jnp.float32))
-        dense, has = dense.astype(jnp.float32), is_mask
-    token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
-    out = sam2.decode_prompts(
-        embed, feats["high_res_feats"], coords, labels, token_valid, dense, has,
-        multimask_output=False, dynamic_multimask=False,
-    )  # fmt: skip
-    visual = parts.image_visual_embeds(out.mid_image_embed, out.mid_mask_tokens)
-    obj = out.object_score_logits[:, 0]
-    low = jnp.where(obj[:, None, None] > 0, out.masks[:, 0], NO_OBJ_SCORE)
-    low = low.astype(jnp.float32)
-    if mask_inputs is not None:
-        m = mask_inputs.astype(jnp.float32)
-        m_low = resize_bilinear(m * 20.0 - 10.0, low.shape[-2:], True, axes=(-2, -1))
-        m_obj = jnp.where(jnp.any(m > 0, axis=(1, 2)), 10.0, -10.0)
-        low = jnp.where(is_mask[:, None, None], m_low, low)
-        obj = jnp.where(is_mask, m_obj, obj.astype(jnp.float32))
-    return visual, low, obj
+    out = image_region_outputs(sam2, parts, image, coords, labels, valid, mask_inputs, is_mask)
+    return out.visual, out.low_res_masks, out.object_score_logits
+
+
+def video_regions(
+    sam2: SAM2Base,
+    parts: PAMParts,
+    frames: jax.Array,
+    coords: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    mask_inputs: jax.Array | None = None,
+    is_mask: jax.Array | None = None,
+) -> RegionOutputs:
+    """B videos of F frames, each with one region prompted on frame 0: SAM 2 tracks it through
+    the F frames (a `lax.scan` over frames, memory bank in the carry; pure and static-shaped,
+    usable under jit and jax.grad) and PAM's parts read the `assembly.select_frames(F)` frames.
+
+    frames [B, F, S, S, 3] normalized; coords [B, P, 2], labels [B, P], valid [B, P] (model
+    pixels), mask_inputs [B, S, S] / is_mask [B] as `image_regions`. Returns `RegionOutputs`
+    with visual [B, 5168, H] (F >= 1; 16 chosen frames), low-res logits [B, F, 4h, 4w], object
+    scores [B, F] and the decoder outputs [B, F, ...]. The per-frame step is the one the PAM
+    predictor runs (`pam_track_step`)."""
+    b, f = frames.shape[:2]
+    bank = pam_memory_bank(sam2.config, b)
+    prompts = region_prompts_step(coords, labels, valid, mask_inputs, is_mask)
+    num = jnp.int32(f)
+    out0, bank = pam_track_step(
+        sam2, sam2.frame_features(frames[:, 0]), prompts, bank, 0, num, is_cond=True
+    )
+
+    def body(bank, xs):
+        t, frame = xs
+        out, bank = pam_track_step(
+            sam2, sam2.frame_features(frame), prompts, bank, t, num, is_cond=False
+        )
+        return bank, out.replace(maskmem_features=None)
+
+    rest = jnp.moveaxis(frames[:, 1:], 1, 0)  # [F - 1, B, S, S, 3]
+    _, outs = jax.lax.scan(body, bank, (jnp.arange(1, f, dtype=jnp.int32), rest))
+    out0 = out0.replace(maskmem_features=None)
+    # [B, F, ...]: frame 0 then the scanned frames
+    steps = jax.tree.map(
+        lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)], axis=1), out0, outs
+    )
+    dec = steps.decoder
+    chosen = jnp.asarray(assembly.select_frames(f, parts.config.num_frames))
+    embeds = dec.mid_image_embed[:, chosen]  # [B, 16, h, w, C]
+    tokens = jax.vmap(lambda d: d.mid_single_tokens)(dec)[:, chosen]  # [B, 16, 2, C]
+    visual = jax.vmap(parts.video_visual_embeds)(embeds, tokens)
+    return RegionOutputs(visual, steps.pred_masks, steps.object_score_logits[..., 0], dec)
 
 
 def resize_vocab(llm, n: int):

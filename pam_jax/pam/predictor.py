@@ -37,9 +37,10 @@ from pam_jax.llm import sampler
 from pam_jax.llm.sampler import SamplingParams, generate
 from pam_jax.pam import assembly, prompts
 from pam_jax.pam.model import PAM, image_regions
+from pam_jax.pam.video import TrackedVideo, mask_box, track_video
 from pam_jax.prepared import merge, prepare
-from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.ops import resize_bilinear
+from pam_jax.sam2.prompts import pad_regions
 from pam_jax.sam2.video_io import normalize_device, preprocess_frame
 
 
@@ -67,106 +68,19 @@ def _embed(structure, leaves, text_ids, visual, visual_index, is_visual, mask):
     return assembly.assemble(llm.embed(text_ids), visual.astype(llm.dtype), lay)
 
 
-@partial(jax.jit, static_argnames=("size",))
-def _mask_to_model(mask: jax.Array, *, size: int) -> jax.Array:
-    """`add_new_mask`: bool [H, W] -> antialiased bilinear to size x size, >= 0.5, float."""
-    m = resize_bilinear(mask.astype(jnp.float32)[None], (size, size), True, axes=(-2, -1))[0]
-    return (m >= 0.5).astype(jnp.float32)
-
-
-REGION_KEYS = ("box", "points", "labels", "mask")
-
 # LLM prompt buckets: PAM prompts are ~1085 embeddings for every region of a task, so a fine
 # grid (<= 63 padding columns) costs few compilations; the generic four-per-octave grid would
 # pad 1085 to 1280 and spend 18% more prefill FLOPs on padding.
 LLM_BUCKETS = tuple(range(64, (1 << 17) + 1, 64))
 
 
-def _check_inside(xy: np.ndarray, hw: tuple[int, int], what: str) -> None:
-    h, w = hw
-    if not np.all(np.isfinite(xy)):
-        raise ValueError(f"{what} {xy.tolist()}: coordinates must be finite")
-    bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
-    if np.any(bad):
-        raise ValueError(
-            f"{what} {xy.tolist()} is outside the {w}x{h} image (x in [0, {w}], y in [0, {h}])"
-        )
-
-
 def region_prompts(
     regions: Sequence[Mapping[str, Any]], hw: tuple[int, int], image_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per region {"box": [x1, y1, x2, y2]} and / or {"points": [[x, y], ...], "labels": [...]}
-    (original pixels), or {"mask": [H, W] bool} alone -> coords [N, P, 2] (model pixels),
-    labels [N, P], valid [N, P]. A mask region's row is the prompt-less (0, 0) / -1 point
-    (`region_masks` gives its mask). Prompts outside the image raise ValueError."""
-    h, w = hw
-    rows = []
-    for i, r in enumerate(regions):
-        unknown = set(r) - set(REGION_KEYS)
-        if unknown:
-            keys = ", ".join(REGION_KEYS)
-            raise ValueError(f"region {i}: unknown keys {sorted(unknown)} (allowed: {keys})")
-        cs, ls = [], []
-        if r.get("mask") is not None:
-            if r.get("box") is not None or r.get("points") is not None:
-                raise ValueError(
-                    f"region {i}: a mask prompt takes no box or points (as add_new_mask)"
-                )
-            m = np.asarray(r["mask"])
-            if m.shape != (h, w):
-                raise ValueError(f"region {i}: mask is {m.shape[::-1]} (WxH), the image {(w, h)}")
-            if not np.any(m):
-                raise ValueError(f"region {i}: the mask prompt is empty")
-            rows.append((np.zeros((1, 2), np.float32), np.array([-1], np.int32)))
-            continue
-        if r.get("box") is not None:
-            b = np.asarray(r["box"], np.float32)
-            if b.shape != (4,):
-                raise ValueError(f"region {i}: a box is x1,y1,x2,y2, got shape {b.shape}")
-            if not (b[0] <= b[2] and b[1] <= b[3]):
-                raise ValueError(f"region {i}: box {b.tolist()} has x2 < x1 or y2 < y1")
-            _check_inside(b.reshape(2, 2), hw, f"region {i}: box")
-            cs.append(b.reshape(2, 2))
-            ls.append(np.array([2, 3], np.int32))
-        if r.get("points") is not None:
-            p = np.asarray(r["points"], np.float32).reshape(-1, 2)
-            lab = np.asarray(r.get("labels", [1] * len(p)), np.int32).reshape(-1)
-            if len(lab) != len(p):
-                raise ValueError(f"region {i}: {len(p)} points but {len(lab)} labels")
-            if np.any((lab != 0) & (lab != 1)):
-                raise ValueError(f"region {i}: click labels are 1 (positive) or 0 (negative)")
-            _check_inside(p, hw, f"region {i}: point(s)")
-            cs.append(p)
-            ls.append(lab)
-        if not cs:
-            raise ValueError(f"region {i} is empty: give a box, points or a mask")
-        c = np.concatenate(cs)
-        # the video predictor's normalize_coords: / (W, H) in float32, then * image_size
-        c = c / np.array([w, h], np.float32) * np.float32(image_size)
-        rows.append((c, np.concatenate(ls)))
-    p = pow2_bucket(max(len(lab) for _, lab in rows))
-    n = len(rows)
-    coords = np.zeros((n, p, 2), np.float32)
-    labels = -np.ones((n, p), np.int32)
-    valid = np.zeros((n, p), bool)
-    for i, (c, lab) in enumerate(rows):
-        coords[i, : len(c)], labels[i, : len(lab)], valid[i, : len(lab)] = c, lab, True
-    return coords, labels, valid
-
-
-def region_masks(
-    regions: Sequence[Mapping[str, Any]], image_size: int
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Mask prompts at model size: (mask_inputs [N, S, S] float, is_mask [N]) or (None, None)
-    when no region has a mask (so mask-free batches compile without the mask branch)."""
-    is_mask = np.array([r.get("mask") is not None for r in regions], bool)
-    if not is_mask.any():
-        return None, None
-    out = np.zeros((len(regions), image_size, image_size), np.float32)
-    for i in np.nonzero(is_mask)[0]:
-        out[i] = np.asarray(_mask_to_model(jnp.asarray(regions[i]["mask"]), size=image_size))
-    return out, is_mask
+    """`pam_jax.sam2.prompts.pad_regions`' coords [N, P, 2], labels [N, P], valid [N, P] (kept
+    for callers that only check regions)."""
+    p = pad_regions(regions, hw, image_size)
+    return p.coords, p.labels, p.valid
 
 
 @dataclasses.dataclass
@@ -199,7 +113,6 @@ class PAMPredictor:
         sampling: SamplingParams | None = None,
         max_new_tokens: int = 512,
     ):
-        self.model = model
         self.tokenizer = tokenizer
         self.image_size = model.config.sam2.image_size
         if sampling is None:
@@ -207,7 +120,12 @@ class PAMPredictor:
             sampling = SamplingParams(repetition_penalty=float(gc.get("repetition_penalty", 1.0)))
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
-        # split and hashed once (pam_jax.prepared), not per call
+        self.set_model(model)
+
+    def set_model(self, model: PAM) -> None:
+        """Run on `model`'s current parameters (e.g. a live training state) from now on. The
+        parts are split and hashed here once (pam_jax.prepared), not per call."""
+        self.model = model
         self._vision = prepare((model.sam2, model.parts))
         self._sam2 = prepare(model.sam2)
         self._parts = prepare(model.parts)
@@ -236,14 +154,12 @@ class PAMPredictor:
         prompts.task_prompt(task, lang)  # validates the task and language
         if task in prompts.VIDEO_TASKS or task.startswith("video_cap"):
             raise ValueError(f"{task!r} is a video task; image tasks: {prompts.IMAGE_TASKS}")
-        if not regions:
-            raise ValueError("no regions: give at least one box, points or mask")
         resized, h, w = preprocess_frame(image, self.image_size)
-        coords, labels, valid = region_prompts(regions, (h, w), self.image_size)
-        mask_in, is_mask = region_masks(regions, self.image_size)
+        p = pad_regions(regions, (h, w), self.image_size)
+        is_mask = None if p.mask_inputs is None else p.is_mask
         visual, masks, obj = _image_step(
-            self._vision.structure, self._vision.leaves, resized, coords, labels, valid,
-            mask_in, is_mask, orig_hw=(h, w),
+            self._vision.structure, self._vision.leaves, resized, p.coords, p.labels, p.valid,
+            p.mask_inputs, is_mask, orig_hw=(h, w),
         )  # fmt: skip
         return ImageInputs(self.llm_inputs(visual, task, lang, None), masks, obj)
 
@@ -359,7 +275,12 @@ class PAMPredictor:
         if task not in prompts.VIDEO_TASKS and not task.startswith("video_cap"):
             raise ValueError(f"{task!r} is not a video task; expected {prompts.VIDEO_TASKS}")
         prompts.task_prompt(task, lang, history)
-        return _video_inputs(self, frames, region, task, lang, history)
+        tv: TrackedVideo = track_video(
+            self._sam2, self._parts, self.model.sam2.config, frames, region,
+            self.model.config.num_frames,
+        )  # fmt: skip
+        llm_in = self.llm_inputs(tv.visual, task, lang, history)
+        return VideoInputs(llm_in, tv.masks, tv.scores, tv.frames)
 
     def describe_stream(
         self,
@@ -386,89 +307,10 @@ class PAMPredictor:
             )
             out.append(res)
             history = res.text
-            box = _mask_box(res.masks[-1])
+            box = mask_box(res.masks[-1])
             prompt = {"box": box} if box is not None else dict(region)
             start = end
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# video: SAM 2 tracks the object through every frame (memory bank), PAM reads 16 of them
-
-
-def _encode_memory_f32(model, vision, low, obj, binarize: bool) -> jax.Array:
-    """`tracker.encode_memory` without its final bfloat16 rounding: in PAM's SAM 2 fork only
-    the conditioning frame's memory is stored in bf16, tracked frames keep float32 (pam.md 8)."""
-    cfg = model.config
-    s = model.image_size
-    high = resize_bilinear(low.astype(jnp.float32), (s, s), False, axes=(-2, -1))
-    prob = (high > 0).astype(jnp.float32) if binarize else jax.nn.sigmoid(high)
-    mask = prob * cfg.sigmoid_scale_for_mem_enc + cfg.sigmoid_bias_for_mem_enc
-    feats, _ = model.memory_encoder(vision, mask[..., None], skip_mask_sigmoid=True)
-    feats = feats.astype(jnp.float32)
-    if model.no_obj_embed_spatial is not None:
-        absent = (obj <= 0).astype(jnp.float32)
-        feats = feats + absent[:, None, None, :] * model.no_obj_embed_spatial[...][None, None]
-    return feats.reshape(feats.shape[0], -1, feats.shape[-1])
-
-
-@partial(jax.jit, static_argnames=("structure", "is_cond", "video_hw"))
-def _video_step(
-    structure, leaves, bank, image_u8, coords, labels, valid, frame_idx, num_frames,
-    mask_in=None, *, is_cond: bool, video_hw: tuple[int, int],
-):  # fmt: skip
-    """One frame of PAM's SAM 2 tracking (one object): the official `track_step` as PAM's fork
-    runs it (`multimask_output_in_sam: False`, the mask is always the single-mask token's) plus
-    the two perceiver taps. Frame 0 is the prompted conditioning frame (features +
-    `no_mem_embed`); later frames attend the memory bank and get a prompt-less decoder call.
-    A mask prompt on frame 0 (mask_in [1, S, S] binary) follows `_use_mask_as_output` as
-    `pam_jax.pam.model.image_regions` documents (raw features, dense mask prompt, the mask is
-    the output)."""
-    from pam_jax.sam2.memory import insert_memory, prepare_memory_conditioned_features
-    from pam_jax.sam2.model import NO_OBJ_SCORE
-    from pam_jax.sam2.tracker import encode_memory, frame_features
-
-    sam2 = merge(structure, leaves)
-    cfg = sam2.config
-    feats = frame_features(sam2, normalize_device(image_u8)[None])
-    _, h, w, c = feats.vision.shape
-    dense = has = None
-    if is_cond and mask_in is not None:
-        pix = feats.vision
-        dense = sam2.mask_downsample(mask_in[..., None].astype(jnp.float32)).astype(jnp.float32)
-        has = jnp.ones((1,), bool)
-    elif is_cond:
-        pix = feats.vision + sam2.no_mem_embed[...].reshape(1, 1, 1, c)
-    else:
-        pix = prepare_memory_conditioned_features(
-            sam2.memory_attention, bank, cfg, frame_idx, num_frames,
-            feats.vision.reshape(1, h * w, c), feats.pos.reshape(h * w, c),
-            sam2.maskmem_tpos_enc[...], sam2.obj_ptr_tpos_proj, False,
-        ).reshape(1, h, w, c).astype(jnp.float32)  # fmt: skip
-    token_valid = sam2.sam_prompt_encoder.sparse_valid(valid, pad=True)
-    out = sam2.decode_prompts(
-        pix, feats.high_res, coords, labels, token_valid, dense, has,
-        multimask_output=False, dynamic_multimask=False,
-    )  # fmt: skip
-    obj = out.object_score_logits  # [1, 1]
-    low = jnp.where(obj[:, :, None] > 0, out.masks[:, 0], NO_OBJ_SCORE).astype(jnp.float32)
-    ptr = sam2.obj_ptr_proj(out.sam_tokens_out[:, 0]).astype(jnp.float32)
-    lam = (obj > 0).astype(jnp.float32)
-    no_ptr = sam2.no_obj_ptr[...].astype(jnp.float32)
-    ptr = lam * ptr + (1 - lam) * no_ptr
-    if is_cond and mask_in is not None:
-        m = mask_in.astype(jnp.float32)
-        low = resize_bilinear(m * 20.0 - 10.0, low.shape[-2:], True, axes=(-2, -1))
-        present = jnp.any(m > 0, axis=(1, 2))[:, None].astype(jnp.float32)
-        ptr = present * ptr + (1 - present) * no_ptr
-        obj = 20.0 * present - 10.0
-    if is_cond:  # binarized mask (prompted frame), rounded to bf16 like the fork
-        mem = encode_memory(sam2, feats.vision, low, obj, jnp.ones((1,), bool))
-    else:
-        mem = _encode_memory_f32(sam2, feats.vision, low, obj, False)
-    bank = insert_memory(bank, frame_idx, mem, ptr, is_cond)
-    video = resize_bilinear(low, video_hw, False, axes=(-2, -1))[0] > 0
-    return bank, video, obj[0, 0], out.mid_image_embed[0], out.mid_mask_tokens[0]
 
 
 @dataclasses.dataclass
@@ -486,64 +328,3 @@ class VideoInputs:
     masks: np.ndarray  # [T, H, W] bool
     scores: np.ndarray  # [T]
     frames: np.ndarray  # the frame indices fed to the LLM
-
-
-def _video_bank(cfg):
-    from pam_jax.sam2.memory import init_memory_bank
-
-    bank = init_memory_bank(cfg, 1, num_cond=1)
-    # tracked frames' memories stay float32 in PAM's fork: a float32 ring buffer keeps them
-    return bank.replace(recent_feats=bank.recent_feats.astype(jnp.float32))
-
-
-def _mask_box(mask: np.ndarray) -> list[float] | None:
-    """The xyxy bounding box of a bool mask (the streaming notebook's re-prompt box)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
-def _video_inputs(self: PAMPredictor, frames, region, task, lang, history) -> VideoInputs:
-    if not len(frames):
-        raise ValueError("a video needs at least one frame")
-    size = self.image_size
-    pre = [preprocess_frame(f, size) for f in frames]  # PIL resize per frame, as the loader
-    h, w = pre[0][1], pre[0][2]
-    if any((fh, fw) != (h, w) for _, fh, fw in pre):
-        raise ValueError("all frames of a video must have the same size")
-    coords, labels, valid = region_prompts([region], (h, w), size)
-    mask_in, _ = region_masks([region], size)
-    none_c = np.zeros_like(coords)
-    none_l = -np.ones_like(labels)
-    none_v = np.zeros_like(valid)
-    none_v[:, 0] = True  # the official (0, 0) / -1 placeholder point of a prompt-less call
-    n = len(pre)
-    chosen = assembly.select_frames(n, self.model.config.num_frames)
-    wanted = set(chosen.tolist())
-    bank = _video_bank(self.model.sam2.config)
-    masks, scores, taps = [], [], {}
-    for f, (img, _, _) in enumerate(pre):  # tracking is sequential: one jitted step per frame
-        cond = f == 0
-        c, lab, v = (coords, labels, valid) if cond else (none_c, none_l, none_v)
-        bank, m, s, emb, tok = _video_step(
-            self._sam2.structure, self._sam2.leaves, bank, img, c, lab, v, np.int32(f), np.int32(n),
-            mask_in if cond else None, is_cond=cond, video_hw=(h, w),
-        )  # fmt: skip
-        # left on the device so the next frame is queued without a host sync (bool masks at
-        # video size: about 2 MB per 1080p frame until the loop ends)
-        masks.append(m)
-        scores.append(s)
-        if f in wanted:
-            taps[f] = (emb, tok)
-    embeds = jnp.stack([taps[int(f)][0] for f in chosen])
-    tokens = jnp.stack([taps[int(f)][1] for f in chosen])
-    visual = _video_visual(self._parts.structure, self._parts.leaves, embeds, tokens)[None]
-    llm_in = self.llm_inputs(visual, task, lang, history)
-    masks = np.stack([np.asarray(m) for m in masks])
-    return VideoInputs(llm_in, masks, np.asarray([float(s) for s in scores]), chosen)
-
-
-@partial(jax.jit, static_argnames=("structure",))
-def _video_visual(structure, leaves, embeds, tokens):
-    return merge(structure, leaves).video_visual_embeds(embeds, tokens)

@@ -18,7 +18,9 @@ Semantics follow the official predictor (sam2 1.1.0):
 
 `predict_batch` decodes N prompt sets in one jitted call: each row's tokens are padded with
 label -1 and a validity mask removes the padding from attention, so a batch gives the same
-results as one prompt at a time.
+results as one prompt at a time. Prompts follow `pam_jax.sam2.prompts` (one rule set for every
+predictor). `encode_image` / `decode_image` are the pure functions behind the class: they take
+the model's parameters (`pam_jax.prepared.prepare(model)`) on every call.
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from pam_jax.prepared import merge, prepare
-from pam_jax.sam2.common import pow2_bucket
+from pam_jax.prepared import Prepared, merge, prepare
 from pam_jax.sam2.model import SAM2Base
 from pam_jax.sam2.ops import resize_bilinear
+from pam_jax.sam2.prompts import (
+    EDGE_TOLERANCE,
+    Prompt,
+    PromptError,
+    make_prompt,
+    pad_prompts,
+    to_model_coords,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,13 +88,8 @@ def _encode(structure, leaves, image_size: int, image: jax.Array) -> dict[str, A
 def _decode(
     structure,
     leaves,
-    image_embed,
-    high_res_feats,
-    coords,
-    labels,
-    token_valid,
-    mask_inputs,
-    has_mask,
+    features: dict[str, Any],
+    prompts: ImagePrompts,
     mask_threshold,
     *,
     multimask_output: bool,
@@ -93,8 +98,9 @@ def _decode(
 ):
     model = merge(structure, leaves)
     out = model.decode_prompts(
-        image_embed, high_res_feats, coords, labels, token_valid, mask_inputs, has_mask,
-        multimask_output=multimask_output,
+        features["image_embed"], features["high_res_feats"], prompts.coords, prompts.labels,
+        prompts.valid, prompts.mask_inputs, prompts.has_mask, multimask_output=multimask_output,
+        pad_valid=prompts.has_points,
     )  # fmt: skip
     low = out.masks.astype(jnp.float32)  # [N, M, 4h, 4w]
     masks = resize_bilinear(low, orig_hw, antialias=False, axes=(-2, -1))
@@ -102,6 +108,45 @@ def _decode(
         masks = masks > mask_threshold
     low = jnp.clip(low, -LOGIT_CLAMP, LOGIT_CLAMP)
     return masks, out.iou_pred, low, out.object_score_logits[:, 0]
+
+
+@struct.dataclass
+class ImagePrompts:
+    """N prompt sets of the image predictor, padded (model pixels): coords [N, P, 2], labels
+    [N, P], valid [N, P], has_points [N] (the official pad point exists only for rows with
+    points or a box), mask_inputs [N, 4h, 4w, 1] low-res logits for rows where has_mask [N]."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    has_points: np.ndarray
+    mask_inputs: np.ndarray | None = None
+    has_mask: np.ndarray | None = None
+
+
+def encode_image(prepared: Prepared, image: np.ndarray, image_size: int) -> dict[str, Any]:
+    """The image embedding of uint8 [H, W, 3] with the parameters in `prepared` (pure: pass
+    a freshly prepared model, e.g. a training state, on any call)."""
+    return _encode(prepared.structure, prepared.leaves, image_size, image)
+
+
+def decode_image(
+    prepared: Prepared,
+    features: dict[str, Any],
+    prompts: ImagePrompts,
+    orig_hw: tuple[int, int],
+    *,
+    multimask_output: bool = True,
+    return_logits: bool = False,
+    mask_threshold: float = 0.0,
+) -> Prediction:
+    """Decode N prompt sets against `encode_image`'s features (one jitted call)."""
+    out = _decode(
+        prepared.structure, prepared.leaves, features, prompts, jnp.float32(mask_threshold),
+        multimask_output=bool(multimask_output), return_logits=bool(return_logits),
+        orig_hw=tuple(orig_hw),
+    )  # fmt: skip
+    return Prediction(*jax.device_get(out))
 
 
 class SAM2ImagePredictor:
@@ -112,11 +157,16 @@ class SAM2ImagePredictor:
     """
 
     def __init__(self, model: SAM2Base, mask_threshold: float = 0.0):
-        self.model = model
         self.mask_threshold = float(mask_threshold)
         self.image_size = model.image_size
-        self._prep = prepare(model)
+        self.set_model(model)
         self.reset_predictor()
+
+    def set_model(self, model: SAM2Base) -> None:
+        """Run on `model`'s current parameters (e.g. a live training state) from now on; an
+        image already set keeps the embedding computed with the earlier ones."""
+        self.model = model
+        self._prep = prepare(model)
 
     # -- image ------------------------------------------------------------------------------
 
@@ -128,7 +178,7 @@ class SAM2ImagePredictor:
         """Compute the image embedding of an RGB uint8 image [H, W, 3] (or a PIL image) once."""
         image = _as_uint8_rgb(image)
         self.reset_predictor()
-        self._features = _encode(self._prep.structure, self._prep.leaves, self.image_size, image)
+        self._features = encode_image(self._prep, image, self.image_size)
         self._orig_hw = (int(image.shape[0]), int(image.shape[1]))
 
     @property
@@ -207,105 +257,65 @@ class SAM2ImagePredictor:
         Every row needs at least one prompt. Returns a `Prediction`.
         """
         self._check_image()
-        coords, labels, valid, masks, has_mask = self._prepare(
-            point_coords, point_labels, boxes, mask_inputs, normalize_coords
-        )
-        out = _decode(
-            self._prep.structure, self._prep.leaves, self._features["image_embed"],
-            self._features["high_res_feats"], coords, labels, valid, masks, has_mask,
-            jnp.float32(self.mask_threshold), multimask_output=bool(multimask_output),
-            return_logits=bool(return_logits), orig_hw=self._orig_hw,
+        prompts = self._prepare(point_coords, point_labels, boxes, mask_inputs, normalize_coords)
+        return decode_image(
+            self._prep, self._features, prompts, self._orig_hw,
+            multimask_output=multimask_output, return_logits=return_logits,
+            mask_threshold=self.mask_threshold,
         )  # fmt: skip
-        m, iou, low, obj = jax.device_get(out)
-        return Prediction(m, iou, low, obj)
 
     # -- host-side prompt preparation -------------------------------------------------------
 
-    def _prepare(self, point_coords, point_labels, boxes, mask_inputs, normalize_coords):
+    def _prepare(
+        self, point_coords, point_labels, boxes, mask_inputs, normalize_coords
+    ) -> ImagePrompts:
+        """Host-side checks (`pam_jax.sam2.prompts` rules) and padding; the decode itself is
+        one call."""
         h, w = self._orig_hw
         n = _batch_size(point_coords, point_labels, boxes, mask_inputs)
-        rows_c = _rows(point_coords, n)
-        rows_l = _rows(point_labels, n)
-        rows_b = _rows(boxes, n)
-        rows_m = _rows(mask_inputs, n)
-        lh = lw = self.model.config.low_res_size
-        scale = np.float32(self.image_size)
-
-        def to_model(xy: np.ndarray) -> np.ndarray:
-            # official transform_coords: x / w, y / h (float32), then * image_size
-            xy = xy.astype(np.float32).copy()
-            if normalize_coords:
-                xy[..., 0] = xy[..., 0] / np.float32(w)
-                xy[..., 1] = xy[..., 1] / np.float32(h)
-            return xy * scale
-
-        tok_c, tok_l = [], []
-        masks = np.zeros((n, lh, lw, 1), np.float32)
+        rows_c, rows_l = _rows(point_coords, n), _rows(point_labels, n)
+        rows_b, rows_m = _rows(boxes, n), _rows(mask_inputs, n)
+        lr = self.model.config.low_res_size
+        # normalize_coords=False: coordinates in [0, 1], tolerance one image pixel
+        hw, tol = ((h, w), EDGE_TOLERANCE) if normalize_coords else ((1, 1), 1.0 / max(h, w))
+        masks = np.zeros((n, lr, lr, 1), np.float32)
         has_mask = np.zeros((n,), bool)
-        for i in range(n):  # host-side input checking only; the decode itself is one call
+        rows: list[Prompt] = []
+        for i in range(n):
             c, lab, b, m = rows_c[i], rows_l[i], rows_b[i], rows_m[i]
-            if (c is None) != (lab is None):
-                raise ValueError(
-                    f"prompt {i}: point_labels must be given with point_coords (and vice versa)"
-                )
-            cs, ls = [], []
-            if b is not None:
-                b = np.asarray(b, np.float32)
-                if b.shape != (4,):
-                    raise ValueError(f"prompt {i}: a box is 4 numbers x1,y1,x2,y2, got {b.shape}")
-                check_box(b, (h, w), normalize_coords, i)
-                cs.append(to_model(b.reshape(2, 2)))
-                ls.append(np.array([2, 3], np.int32))
-            if c is not None:
-                c = np.asarray(c, np.float32)
-                lab = np.asarray(lab)
-                if c.ndim != 2 or c.shape[-1] != 2:
-                    raise ValueError(f"prompt {i}: point_coords must be [P, 2], got {c.shape}")
-                if lab.shape != (c.shape[0],):
-                    raise ValueError(
-                        f"prompt {i}: {c.shape[0]} points but point_labels has shape {lab.shape}"
-                    )
-                if not np.issubdtype(lab.dtype, np.integer) and not np.all(lab == np.round(lab)):
-                    raise ValueError(f"prompt {i}: point labels must be integers, got {lab}")
-                lab = lab.astype(np.int32)
-                if np.any((lab < -1) | (lab > 3)):
-                    raise ValueError(
-                        f"prompt {i}: point labels must be 1 (positive) or 0 (negative), got {lab}"
-                    )
-                check_points(c, (h, w), normalize_coords, i)
-                cs.append(to_model(c))
-                ls.append(lab)
             if m is not None:
-                m = np.asarray(m, np.float32)
-                if m.ndim == 3 and m.shape[0] == 1:
-                    m = m[0]
-                if m.shape != (lh, lw):
-                    raise ValueError(
-                        f"prompt {i}: mask input must be low-res logits of shape (1, {lh}, {lw}) "
-                        f"(the third output of predict), got {m.shape}"
-                    )
-                if not np.all(np.isfinite(m)):
-                    raise ValueError(f"prompt {i}: mask input has NaN or infinite values")
-                masks[i, ..., 0] = m
+                masks[i, ..., 0] = _low_res_mask(m, lr, i)
                 has_mask[i] = True
-            if not cs and m is None:
-                raise ValueError(f"prompt {i} is empty: give points, a box or a mask input")
-            tok_c.append(np.concatenate(cs) if cs else np.zeros((0, 2), np.float32))
-            tok_l.append(np.concatenate(ls) if ls else np.zeros((0,), np.int32))
-
-        p = pow2_bucket(max(len(x) for x in tok_l))
-        coords = np.zeros((n, p, 2), np.float32)
-        labels = -np.ones((n, p), np.int32)
-        valid = np.zeros((n, p + 1), bool)  # + the official pad point
-        for i, (c, lab) in enumerate(zip(tok_c, tok_l)):
-            coords[i, : len(c)] = c
-            labels[i, : len(lab)] = lab
-            valid[i, : len(lab)] = True
-            # the official pad point exists only when there are points (mask-only: no tokens)
-            valid[i, p] = len(lab) > 0
+            if c is None and lab is None and b is None:
+                if m is None:
+                    raise PromptError(f"prompt {i} is empty: give points, a box or a mask input")
+                rows.append(Prompt(np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)))
+                continue
+            try:
+                p = make_prompt(c, lab, b, image_hw=hw, tolerance=tol)
+            except PromptError as e:
+                raise PromptError(f"prompt {i}: {e}") from None
+            rows.append(Prompt(to_model_coords(p, hw, self.image_size), p.labels))
+        padded = pad_prompts(rows)
+        has_points = np.array([r.num_points > 0 for r in rows])
         if not has_mask.any():
             masks, has_mask = None, None
-        return coords, labels, valid, masks, has_mask
+        return ImagePrompts(padded.coords, padded.labels, padded.valid, has_points, masks, has_mask)
+
+
+def _low_res_mask(m: Any, lr: int, i: int) -> np.ndarray:
+    """A mask input: low-res logits [1, 4h, 4w] or [4h, 4w] (the third output of predict)."""
+    m = np.asarray(m, np.float32)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.shape != (lr, lr):
+        raise PromptError(
+            f"prompt {i}: mask input must be low-res logits of shape (1, {lr}, {lr}) "
+            f"(the third output of predict), got {m.shape}"
+        )
+    if not np.all(np.isfinite(m)):
+        raise PromptError(f"prompt {i}: mask input has NaN or infinite values")
+    return m
 
 
 def _as_uint8_rgb(image: Any) -> np.ndarray:
@@ -340,35 +350,3 @@ def _batch_size(*args) -> int:
 
 def _rows(x, n: int) -> list:
     return [None] * n if x is None else list(x)
-
-
-def _limits(hw: tuple[int, int], normalized: bool) -> tuple[float, float]:
-    return (1.0, 1.0) if not normalized else (float(hw[1]), float(hw[0]))
-
-
-def check_points(c: np.ndarray, hw: tuple[int, int], normalize_coords: bool, i: int) -> None:
-    """ValueError unless points [P, 2] lie in the image of size hw (or [0, 1] if normalized)."""
-    if not np.all(np.isfinite(c)):
-        raise ValueError(f"prompt {i}: point coordinates must be finite, got {c.tolist()}")
-    wmax, hmax = _limits(hw, normalize_coords)
-    bad = (c[:, 0] < 0) | (c[:, 0] > wmax) | (c[:, 1] < 0) | (c[:, 1] > hmax)
-    if bad.any():
-        raise ValueError(
-            f"prompt {i}: point(s) {c[bad].tolist()} outside the image "
-            f"(x in [0, {wmax:g}], y in [0, {hmax:g}])"
-        )
-
-
-def check_box(b: np.ndarray, hw: tuple[int, int], normalize_coords: bool, i: int) -> None:
-    """ValueError unless box [4] is finite, inside the image and has x1 < x2, y1 < y2."""
-    if not np.all(np.isfinite(b)):
-        raise ValueError(f"prompt {i}: box coordinates must be finite, got {b.tolist()}")
-    x1, y1, x2, y2 = b.tolist()
-    wmax, hmax = _limits(hw, normalize_coords)
-    if x1 < 0 or y1 < 0 or x2 > wmax or y2 > hmax:
-        raise ValueError(
-            f"prompt {i}: box {b.tolist()} is outside the image (x in [0, {wmax:g}], "
-            f"y in [0, {hmax:g}])"
-        )
-    if not (x2 > x1 and y2 > y1):
-        raise ValueError(f"prompt {i}: box {b.tolist()} must have x1 < x2 and y1 < y2")

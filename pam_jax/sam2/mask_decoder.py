@@ -38,6 +38,25 @@ class MaskDecoderOutput(NamedTuple):
     mid_mask_tokens: jax.Array  # [B, 2, C] single-mask mode, [B, 3, C] multimask (PAM tap)
 
 
+class AllMasks(NamedTuple):
+    """Every output token of one decoder call (official `predict_masks`), M = 1 + multimask."""
+
+    masks: jax.Array  # [B, M, 4h, 4w] low-res mask logits, float32 (token 0 = single mask)
+    iou_pred: jax.Array  # [B, M] float32
+    mask_tokens: jax.Array  # [B, M, C] the mask tokens after the transformer
+    object_score_logits: jax.Array  # [B, 1] float32
+    mid_image_embed: jax.Array  # [B, h, w, C] (PAM tap)
+    best: jax.Array  # [B] int32 best-IoU multimask token (1..M-1)
+    stable_sel: jax.Array  # [B] int32 token 0 if mask 0 is stable, else `best`
+
+    @property
+    def mid_single_tokens(self) -> jax.Array:
+        """PAM's token tap in single-mask mode: [B, 2, C] = (stability-selected, token 0)."""
+        idx = self.stable_sel[:, None, None]
+        chosen = jnp.take_along_axis(self.mask_tokens, idx, axis=1)
+        return jnp.concatenate([chosen, self.mask_tokens[:, 0:1]], axis=1)
+
+
 def conv_transpose2x2(din: int, dout: int, rngs: nnx.Rngs, dtype=None) -> nnx.ConvTranspose:
     """torch ConvTranspose2d(k=2, s=2): kernel [2, 2, dout, din] so the converter's (2, 3, 1, 0)
     permutation of torch's [din, dout, 2, 2] is exact with `transpose_kernel=True`."""
@@ -181,32 +200,25 @@ class MaskDecoder(nnx.Module):
         x = gelu(ln1(dc1(src) + feat_s1))
         return gelu(dc2(x) + feat_s0)
 
-    def __call__(
+    def predict_masks(
         self,
         image_embeddings: jax.Array,
         image_pe: jax.Array,
         sparse_prompt_embeddings: jax.Array,
         dense_prompt_embeddings: jax.Array,
-        multimask_output: bool,
-        repeat_image: bool = False,
         high_res_features: tuple[jax.Array, jax.Array] | None = None,
         token_valid: jax.Array | None = None,
-        *,
-        dynamic_multimask: bool | None = None,
-    ) -> MaskDecoderOutput:
-        """Predict masks.
+    ) -> AllMasks:
+        """Every output token (the official `predict_masks`, before choosing outputs).
 
-        image_embeddings [B or 1, h, w, C] (repeated per prompt when its batch is smaller, which
-        covers the official `repeat_image`), image_pe [1, h, w, C] (`get_dense_pe()`),
+        image_embeddings [B or 1, h, w, C] (repeated per prompt when its batch is smaller, as
+        the official `repeat_image`), image_pe [1, h, w, C] (`get_dense_pe()`),
         sparse_prompt_embeddings [B, N, C], dense_prompt_embeddings [B, h, w, C],
-        high_res_features (s0 [B or 1, 4h, 4w, C/8], s1 [B or 1, 2h, 2w, C/4]) after conv_s0/s1,
-        token_valid [B, N] bool (False = padding token, excluded from attention; see
-        `PromptEncoder.sparse_valid`). `multimask_output` is static. `dynamic_multimask`
-        overrides `dynamic_multimask_via_stability` for this call (eval-mode semantics).
+        high_res_features (s0 [B or 1, 4h, 4w, C/8], s1 [B or 1, 2h, 2w, C/4]) after
+        conv_s0 / s1, token_valid [B, N] bool (False = padding token, excluded from attention;
+        see `PromptEncoder.sparse_valid`).
         """
         b = sparse_prompt_embeddings.shape[0]
-        if not repeat_image and image_embeddings.shape[0] not in (1, b):
-            raise ValueError(f"image batch {image_embeddings.shape[0]} != prompt batch {b}")
         d = self.transformer_dim
         token_list = [self.iou_token.embedding[...], self.mask_tokens.embedding[...]]
         s = 0
@@ -242,27 +254,41 @@ class MaskDecoder(nnx.Module):
             obj = self.pred_obj_score_head(hs[:, 0]).astype(jnp.float32)
         else:  # the official default: object assumed present, sigmoid(10) ~ 1
             obj = jnp.full((b, 1), 10.0, jnp.float32)
-
         # Stability-based choice between token 0 and the best-IoU multimask token, without
-        # branching on values (jnp.where); used by the dynamic fallback and by PAM's token tap.
+        # branching on values; used by the dynamic fallback and by PAM's token tap.
         best = jnp.argmax(iou_pred[:, 1:], axis=-1) + 1  # [B] index into 1..M
-        is_stable = (
-            self.stability_scores(masks[:, 0]) >= self.dynamic_multimask_stability_thresh
-        )  # [B]
-        sel = jnp.where(is_stable, 0, best)  # [B]
+        is_stable = self.stability_scores(masks[:, 0]) >= self.dynamic_multimask_stability_thresh
+        return AllMasks(
+            masks=masks,
+            iou_pred=iou_pred,
+            mask_tokens=mask_tokens_out,
+            object_score_logits=obj,
+            mid_image_embed=src,
+            best=best,
+            stable_sel=jnp.where(is_stable, 0, best),
+        )
 
+    def single_index(self, out: AllMasks, dynamic_multimask: bool | None = None) -> jax.Array:
+        """[B] token of the single-mask output: the stability fallback when dynamic
+        (`dynamic_multimask`, default `dynamic_multimask_via_stability`), else token 0."""
+        dynamic = self.dynamic_multimask_via_stability
+        if dynamic_multimask is not None:
+            dynamic = dynamic_multimask
+        return out.stable_sel if dynamic else jnp.zeros_like(out.stable_sel)
+
+    def select_outputs(
+        self, out: AllMasks, multimask_output: bool, dynamic_multimask: bool | None = None
+    ) -> MaskDecoderOutput:
+        """The official `forward`'s choice of outputs from `predict_masks` (static mode)."""
+        masks, iou_pred, mask_tokens_out = out.masks, out.iou_pred, out.mask_tokens
         if multimask_output:
             out_masks, out_iou = masks[:, 1:], iou_pred[:, 1:]
             mid_tokens = mask_tokens_out[:, 1:]
         else:
-            dynamic = self.dynamic_multimask_via_stability
-            if dynamic_multimask is not None:
-                dynamic = dynamic_multimask
-            idx = sel if dynamic else jnp.zeros_like(sel)
+            idx = self.single_index(out, dynamic_multimask)
             out_masks = jnp.take_along_axis(masks, idx[:, None, None, None], axis=1)
             out_iou = jnp.take_along_axis(iou_pred, idx[:, None], axis=1)
-            chosen = jnp.take_along_axis(mask_tokens_out, sel[:, None, None], axis=1)
-            mid_tokens = jnp.concatenate([chosen, mask_tokens_out[:, 0:1]], axis=1)
+            mid_tokens = out.mid_single_tokens
         if multimask_output and self.use_multimask_token_for_obj_ptr:
             sam_tokens_out = mask_tokens_out[:, 1:]
         else:
@@ -271,7 +297,34 @@ class MaskDecoder(nnx.Module):
             masks=out_masks,
             iou_pred=out_iou,
             sam_tokens_out=sam_tokens_out,
-            object_score_logits=obj,
-            mid_image_embed=src,
+            object_score_logits=out.object_score_logits,
+            mid_image_embed=out.mid_image_embed,
             mid_mask_tokens=mid_tokens,
         )
+
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        multimask_output: bool,
+        repeat_image: bool = False,
+        high_res_features: tuple[jax.Array, jax.Array] | None = None,
+        token_valid: jax.Array | None = None,
+        *,
+        dynamic_multimask: bool | None = None,
+    ) -> MaskDecoderOutput:
+        """Predict masks (official `forward`): `predict_masks`, then `select_outputs`.
+
+        `multimask_output` is static. `dynamic_multimask` overrides
+        `dynamic_multimask_via_stability` for this call (eval-mode semantics).
+        """
+        b = sparse_prompt_embeddings.shape[0]
+        if not repeat_image and image_embeddings.shape[0] not in (1, b):
+            raise ValueError(f"image batch {image_embeddings.shape[0]} != prompt batch {b}")
+        out = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            high_res_features, token_valid,
+        )  # fmt: skip
+        return self.select_outputs(out, multimask_output, dynamic_multimask)

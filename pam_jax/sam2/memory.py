@@ -332,8 +332,8 @@ def encode_new_memory(
     [B, H, W, 1] logits, object_score_logits [B, 1]. no_obj_embed_spatial: the model's [1,
     mem_dim] parameter (SAM 2.1) or None (2.0). With `binarize_mask_from_pts` (set by
     `build_sam2_video_predictor`) masks from clicks (`is_mask_from_pts`, bool or [B]) are
-    binarized instead of passed through sigmoid. Returns (features [B, h, w, mem_dim],
-    pos [B, h, w, mem_dim]); store the features as bfloat16 (`insert_memory` does).
+    binarized instead of passed through sigmoid. Returns (features [B, h, w, mem_dim] float32,
+    pos [B, h, w, mem_dim]); the caller chooses the stored dtype (`SAM2Base.encode_memory`).
     """
     logits = pred_masks_high_res.astype(jnp.float32)
     mask = jax.nn.sigmoid(logits)
@@ -346,8 +346,9 @@ def encode_new_memory(
     if cfg.sigmoid_bias_for_mem_enc != 0.0:
         mask = mask + cfg.sigmoid_bias_for_mem_enc
     feats, pos = memory_encoder(pix_feat, mask, skip_mask_sigmoid=True)
+    feats = feats.astype(jnp.float32)
     if no_obj_embed_spatial is not None:
-        absent = (object_score_logits > 0).astype(feats.dtype)  # [B, 1]
-        emb = jnp.asarray(no_obj_embed_spatial, feats.dtype).reshape(1, 1, 1, -1)
-        feats = feats + (1 - absent)[:, :, None, None] * emb
+        present = (object_score_logits > 0).astype(jnp.float32)  # [B, 1]
+        emb = jnp.asarray(no_obj_embed_spatial, jnp.float32).reshape(1, 1, 1, -1)
+        feats = feats + (1 - present)[:, :, None, None] * emb
     return feats, pos

@@ -94,14 +94,19 @@ class PromptEncoder(nnx.Module):
         return self.pe_layer(self.image_embedding_size)[None]
 
     @staticmethod
-    def sparse_valid(valid: jax.Array, pad: bool = True) -> jax.Array:
+    def sparse_valid(
+        valid: jax.Array, pad: bool = True, pad_valid: jax.Array | None = None
+    ) -> jax.Array:
         """Token validity [B, N (+1)] of the sparse output for point validity `valid` [B, N].
 
-        The appended official pad point is a real token (the official decoder attends to it).
+        The appended official pad point is a real token (the official decoder attends to it)
+        unless pad_valid [B] says otherwise (rows with no points at all have no tokens).
         """
         valid = jnp.asarray(valid, bool)
         if pad:
-            valid = jnp.concatenate([valid, jnp.ones((valid.shape[0], 1), bool)], axis=1)
+            b = valid.shape[0]
+            last = jnp.ones((b,), bool) if pad_valid is None else jnp.asarray(pad_valid, bool)
+            valid = jnp.concatenate([valid, last[:, None]], axis=1)
         return valid
 
     def _embed_points(self, coords: jax.Array, labels: jax.Array, pad: bool) -> jax.Array:

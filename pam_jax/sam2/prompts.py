@@ -266,6 +266,20 @@ def pad_prompts(prompts: Sequence[Prompt], bucket: int | None = None) -> PaddedP
     return PaddedPrompts(coords, labels, valid, mask_inputs, is_mask)
 
 
+def pad_regions(
+    regions: Sequence[Mapping[str, Any]], image_hw: tuple[int, int], size: int
+) -> PaddedPrompts:
+    """Region dicts (`prompt_from_region`, original pixels) of one image -> model pixels
+    (`to_model`), padded (`pad_prompts`). Errors name the region ("region i: ...")."""
+    if not regions:
+        raise PromptError("no regions: give at least one box, points or mask")
+    rows = [
+        to_model(prompt_from_region(r, image_hw=image_hw, index=i), image_hw, size)
+        for i, r in enumerate(regions)
+    ]
+    return pad_prompts(rows)
+
+
 def bbox_xywh_to_box(bbox: Sequence[float]) -> list[int]:
     """A COCO-style [x, y, w, h] box -> [x1, y1, x2, y2] with the release's rounding:
     [int(x), int(y), int(x + w), int(y + h)]."""

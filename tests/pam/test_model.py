@@ -207,12 +207,12 @@ def test_streaming(setup, monkeypatch):
 
 
 def test_mask_box():
-    from pam_jax.pam.predictor import _mask_box
+    from pam_jax.pam.video import mask_box
 
     m = np.zeros((10, 12), bool)
-    assert _mask_box(m) is None
+    assert mask_box(m) is None
     m[2:5, 3:9] = True
-    assert _mask_box(m) == [3.0, 2.0, 9.0, 5.0]
+    assert mask_box(m) == [3.0, 2.0, 9.0, 5.0]
 
 
 def test_resize_vocab(setup):

@@ -335,19 +335,19 @@ def test_other_image_size(tmp_path):
 
 def test_bad_input(predictors):
     _, ours, _, _ = predictors
-    with pytest.raises(ValueError, match="outside the image"):
+    with pytest.raises(ValueError, match="prompt 0: box corner.* outside the 640x"):
         ours.predict(box=[10, 10, 700, 100])  # the image is 640 wide
-    with pytest.raises(ValueError, match="outside the image"):
-        ours.predict(point_coords=[[-1, 5]], point_labels=[1])
-    with pytest.raises(ValueError, match="x1 < x2"):
+    with pytest.raises(ValueError, match="outside the 640x"):  # > 1 pixel out: not clipped
+        ours.predict(point_coords=[[-1.5, 5]], point_labels=[1])
+    with pytest.raises(ValueError, match="x2 < x1"):
         ours.predict(box=[100, 10, 50, 100])
     with pytest.raises(ValueError, match="empty prompt"):
         ours.predict()
     with pytest.raises(ValueError, match="is empty"):
         ours.predict_batch(boxes=[[10, 10, 50, 50], None])
-    with pytest.raises(ValueError, match="point_labels must be given"):
+    with pytest.raises(ValueError, match="provided together"):
         ours.predict(point_coords=[[5, 5]])
-    with pytest.raises(ValueError, match="point_labels has shape"):
+    with pytest.raises(ValueError, match="2 points but labels have shape"):
         ours.predict(point_coords=[[5, 5], [6, 6]], point_labels=[1])
     with pytest.raises(ValueError, match="labels must be 1"):
         ours.predict(point_coords=[[5, 5]], point_labels=[7])

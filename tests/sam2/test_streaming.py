@@ -114,7 +114,7 @@ def test_streaming_equals_offline_and_compiles_once(model, frames, offline):
 
 def test_streaming_bad_input(model):
     tracker = StreamingTracker(model, max_objects=1, max_points=2)
-    with pytest.raises(ValueError, match="needs points, a box or a mask"):
+    with pytest.raises(ValueError, match="empty prompt"):
         tracker.add_prompt(1)
     with pytest.raises(ValueError, match="max_points"):
         tracker.add_prompt(1, points=[[1, 1], [2, 2]], labels=[1, 1], box=[0, 0, 5, 5])

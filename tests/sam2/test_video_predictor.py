@@ -310,11 +310,11 @@ def test_bad_prompts(tmp_path, tiny_predictor):
         p.add_new_points_or_box(state, 0, 1)
     with pytest.raises(ValueError, match="together"):
         p.add_new_points_or_box(state, 0, 1, points=[[5, 5]])
-    with pytest.raises(ValueError, match="outside the 160x120 frame"):
+    with pytest.raises(ValueError, match="outside the 160x120 image"):
         p.add_new_points_or_box(state, 0, 1, box=[100, 50, 200, 90])
-    with pytest.raises(ValueError, match="outside the 160x120 frame"):
+    with pytest.raises(ValueError, match="outside the 160x120 image"):
         p.add_new_points_or_box(state, 0, 1, points=[[-3, 5]], labels=[1])
-    with pytest.raises(ValueError, match="x1 <= x2"):
+    with pytest.raises(ValueError, match="x2 < x1"):
         p.add_new_points_or_box(state, 0, 1, box=[50, 50, 20, 90])
     with pytest.raises(ValueError, match="2-D"):
         p.add_new_mask(state, 0, 1, np.ones((2, H, W), bool))
@@ -347,4 +347,4 @@ def test_remove_and_clear_edge_cases(tmp_path, tiny_predictor):
         next(p.propagate_in_video(state))
     # removing the last object resets the state
     assert p.remove_object(state, "a") == ([], [])
-    assert state.obj_ids == [] and state.point_inputs == [] and state.non_cond == {}
+    assert state.obj_ids == [] and state.objects == [] and state.non_cond == {}
