@@ -39,11 +39,18 @@ class LossOptions:
     seg_loss: float = 0.0
 
 
-def row_loss_sums(llm, hidden, labels, chunk: int):
-    """Per-row (nll_sum [B], n_tokens [B])."""
-    return jax.vmap(lambda h, lab: lm_loss_sums(llm, h[None], lab[None], chunk=chunk))(
-        hidden, labels
-    )
+def source_loss_sums(llm, hidden, labels, source_index, num_sources: int, chunk: int):
+    """Per mixture source (nll [S], n [S]) for the logs, without gradients: one more chunked
+    loss pass per source over that source's rows (a vmap over rows would unshard the logits'
+    batch dimension)."""
+    if num_sources == 1:
+        return None
+    h = jax.lax.stop_gradient(hidden)
+    out = [
+        lm_loss_sums(llm, h, jnp.where((source_index == i)[:, None], labels, IGNORE), chunk=chunk)
+        for i in range(num_sources)  # a handful of sources, static
+    ]
+    return (jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out]).astype(jnp.float32))
 
 
 def region_forward(model: PAM, mb: Mapping[str, jax.Array]) -> RegionOutputs:
@@ -146,14 +153,16 @@ def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions)
     seg = jnp.where(valid_row[:, None], mb["segment_ids"], 0)
     hidden = llm.hidden_states_train(x, mb["positions"], seg, attention=opts.attention)
     labels = masked_labels(mb)
-    nll_r, n_r = row_loss_sums(llm, hidden, labels, opts.chunk)
-    src = jax.nn.one_hot(mb["source_index"], opts.num_sources, dtype=jnp.float32)
+    nll, n = lm_loss_sums(llm, hidden, labels, chunk=opts.chunk)
+    per = source_loss_sums(llm, hidden, labels, mb["source_index"], opts.num_sources, opts.chunk)
+    if per is None:
+        per = (nll[None], n.astype(jnp.float32)[None])
     return {
-        "nll": jnp.sum(nll_r),
-        "n": jnp.sum(n_r),
+        "nll": nll,
+        "n": n,
         "positions": jnp.sum((mb["mask"] & valid_row[:, None]).astype(jnp.int32)),
-        "src_nll": nll_r @ src,
-        "src_n": n_r.astype(jnp.float32) @ src,
+        "src_nll": per[0],
+        "src_n": per[1],
         **_seg(out, mb, opts),
     }
 
