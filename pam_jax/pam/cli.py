@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
         status(f"describing {len(regions)} region(s)")
         results = pred.describe_image(image, regions, task, args.lang)
         written = _write_image(args, prefix, image, regions, mask_names, results)
-    if written:
-        status("wrote " + ", ".join(written))
+    if written:  # stdout holds the answers; the files written are reported on stderr
+        print("wrote " + ", ".join(written), file=sys.stderr)
     return 0
 
 

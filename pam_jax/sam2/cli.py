@@ -41,8 +41,6 @@ from pam_jax.cliutil import (
 
 __all__ = ["add_parser", "load_mask_input", "parse_box", "parse_point", "run", "segment"]
 
-load_image = read_image  # the old name (pam_jax.demo); new code uses cliutil.read_image
-
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(

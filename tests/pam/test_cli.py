@@ -55,7 +55,9 @@ def test_regions_json_one_batched_call(setup, model_dir, files, tmp_path, capsys
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(rows) == 3
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["regions"] == rows and res["task"] == "recognize"
+    # the printed JSON lines are the file's regions without the (long) RLE
+    assert [{k: v for k, v in r.items() if k != "segmentation"} for r in res["regions"]] == rows
+    assert res["task"] == "recognize" and (res["width"], res["height"]) == (420, 300)
     assert (tmp_path / "r.png").is_file()
     # the CLI's answers == one batched Python call on the same regions (the CLI's default dtype
     # on the CPU is float32 for the LLM too: issue 10 item 7)
@@ -69,10 +71,14 @@ def test_regions_json_one_batched_call(setup, model_dir, files, tmp_path, capsys
     want = PAMPredictor(loaded, ltok, max_new_tokens=int(NEW)).describe_image(
         image, regs, "recognize"
     )
-    for row, w in zip(rows, want):
+    from pycocotools import mask as mask_utils
+
+    for row, reg, w in zip(rows, res["regions"], want):
         assert row["text"] == w.text
         m = np.asarray(Image.open(tmp_path / row["file"])) > 0
         np.testing.assert_array_equal(m, w.mask)
+        rle = dict(reg["segmentation"], counts=reg["segmentation"]["counts"].encode())
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), m)
     # a mask prompt is its own output (_use_mask_as_output) with the +10 presence score
     assert rows[2]["object_score_logit"] == 10.0 and rows[2]["mask_input"] == "m.png"
     iou = (want[2].mask & mask).sum() / (want[2].mask | mask).sum()
