@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment-video": ("pam_jax.sam2.video_cli", "track objects through a video with SAM 2"),
     "generate": ("pam_jax.llm.cli", "generate text with a Qwen2 model"),
     "predict": ("pam_jax.pam.cli", "recognize, explain and caption regions with PAM"),
+    "perceive": ("pam_jax.pam.perceive", "segment everything in an image; describe each region"),
     "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
     "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
     "data": ("pam_jax.data.cli", "prepare and inspect training data (JSONL -> ArrayRecord)"),
