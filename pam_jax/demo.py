@@ -166,16 +166,17 @@ def make_data(root: Path, s: DemoSettings) -> dict[str, Path]:
 
     data = root / "data"
     out = {}
-    for split, n, seed, tasks in (
-        ("train", s.train_images, s.seed, demo_data.ALL_TASKS),
-        ("heldout", s.heldout_images, s.seed + 1_000_003, demo_data.EVAL_TASKS),
+    for split, n, seed, tasks, multi in (
+        ("train", s.train_images, s.seed, demo_data.ALL_TASKS, True),
+        ("heldout", s.heldout_images, s.seed + 1_000_003, demo_data.EVAL_TASKS, False),
     ):
         jsonl = data / f"{split}.jsonl"
         if not jsonl.is_file():
             status(f"demo: drawing {n} {split} images")
             demo_data.generate(
-                data, split, n, seed, image_hw=(s.image_size, s.image_size), tasks=tasks
-            )
+                data, split, n, seed, image_hw=(s.image_size, s.image_size), tasks=tasks,
+                multi_turn=multi,
+            )  # fmt: skip
         ds = data / f"{split}_ds"
         if not ds.is_dir():
             from pam_jax.data.prepare import prepare
@@ -254,7 +255,7 @@ def score(pred_file: Path, data: dict[str, Path]) -> dict[str, Any]:
     # each region appears once per task: score its mask once
     seen, seg_items = set(), []
     for it in seg.items:
-        key = it.id.rsplit("-", 2)[0]
+        key = it.id.split(":")[0]
         if key not in seen:
             seen.add(key)
             seg_items.append(it)
@@ -346,7 +347,8 @@ def prediction_sheet(
     lines = {name: read_predictions(p) for name, p in preds.items()}
     regions: dict[str, dict[str, dict]] = {}
     for r in recs:
-        regions.setdefault(r["id"].rsplit("-", 2)[0], {})[r["id"].rsplit("-", 2)[1]] = r
+        region, task, _ = r["id"].split(":")
+        regions.setdefault(region, {})[task] = r
     keys = list(regions)[:n]
     scale, text_w = 2, 300
     tile = 128 * scale

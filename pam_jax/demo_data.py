@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pam_jax.pam import prompts as _prompts
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 SHAPES_ZH = {
     "circle": "圆形", "square": "正方形", "triangle": "三角形",
@@ -63,19 +65,14 @@ TEXTURES_ZH = {"noisy": "有噪点的", "striped": "条纹", "checkered": "格�
 COUNT_WORDS = ("no", "one", "two")
 COUNT_ZH = ("没有其他形状", "还有一个其他形状", "还有两个其他形状")
 
-# the release's task prompts (pam.md section 1.8), by (task, language)
+# the release's task prompts (`pam_jax.pam.prompts`), by (evaluation task name, language)
+_PROMPT_TASK = {"recognize": "recognize", "caption": "brief_caption",
+                "detailed-caption": "detailed_caption"}  # fmt: skip
 PROMPTS: dict[tuple[str, str], str] = {
-    ("recognize", "en"): "Classify this subject and provide its label.",
-    ("caption", "en"): "Provide a concise caption for this subject.",
-    ("detailed-caption", "en"): (
-        "Provide a comprehensive and detailed description for this subject."
-    ),
-    ("recognize", "zh"): "对该目标对象进行分类并提供标签",
-    ("caption", "zh"): "对该目标对象提供一个概括的描述",
-    ("detailed-caption", "zh"): "对该目标对象提供一个全面且详细的描述",
+    (t, lang): _prompts.TASKS[pt][lang] for t, pt in _PROMPT_TASK.items() for lang in ("en", "zh")
 }
 TASKS: tuple[str, ...] = ("recognize", "caption", "detailed-caption")
-SYSTEM_PROMPT = "You are a helpful assistant."
+SYSTEM_PROMPT = _prompts.SYSTEM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,26 +299,40 @@ def records_for_image(
     regions: Sequence[Region],
     rng: np.random.Generator,
     tasks: Sequence[tuple[str, str]],
-    tasks_per_region: int | None = None,
+    multi_turn: bool = False,
 ) -> Iterator[dict]:
-    """The records of one image: one per (region, task, language) in `tasks`, or per region
-    `tasks_per_region` of them drawn without replacement."""
+    """The records of one image: one per (region, task, language) in `tasks`; or, with
+    `multi_turn`, one per (region, language) holding every task of that language as a turn,
+    in a random order (one SAM 2 pass then supervises all the region's answers; each task
+    still comes first, as at inference, in a third of the records)."""
     for k, r in enumerate(regions):
         base = {"type": "image", "image": image_path, **region_prompts(r.mask, rng)}
         base["segmentation"] = rle_encode(r.mask)
-        chosen = list(tasks)
-        if tasks_per_region is not None and tasks_per_region < len(chosen):
-            pick = rng.choice(len(chosen), size=tasks_per_region, replace=False)
-            chosen = [chosen[j] for j in sorted(pick)]
-        for task, lang in chosen:
-            yield {
-                "id": f"{split}-{index:05d}-{k}-{task}-{lang}",
-                **base,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + PROMPTS[(task, lang)]},
+        if multi_turn:
+            groups = {}
+            for task, lang in tasks:
+                groups.setdefault(lang, []).append(task)
+            chosen = [
+                (lang, [ts[j] for j in rng.permutation(len(ts))]) for lang, ts in groups.items()
+            ]
+        else:
+            chosen = [(lang, [task]) for task, lang in tasks]
+        for lang, ts in chosen:
+            conv = []
+            for j, task in enumerate(ts):
+                prompt = PROMPTS[(task, lang)]
+                conv += [
+                    {"from": "human", "value": ("<image>\n" if j == 0 else "") + prompt},
                     {"from": "gpt", "value": answer(r, task, lang)},
-                ],
-            }
+                ]
+            name = ts[0] if not multi_turn else "all"
+            rid = f"{region_id(split, index, k)}:{name}:{lang}"
+            yield {"id": rid, **base, "conversations": conv}
+
+
+def region_id(split: str, index: int, k: int) -> str:
+    """The id prefix of region k of image `index`; a record's id is `<region>:<task>:<lang>`."""
+    return f"{split}-{index:05d}-{k}"
 
 
 ALL_TASKS = tuple((t, lang) for lang in ("en", "zh") for t in TASKS)
@@ -337,13 +348,12 @@ def generate(
     *,
     image_hw: tuple[int, int] = (128, 128),
     tasks: Sequence[tuple[str, str]] = ALL_TASKS,
-    tasks_per_region: int | None = None,
+    multi_turn: bool = False,
 ) -> SplitInfo:
     """Write `n_images` images (PNG) under out_dir/images and out_dir/{split}.jsonl.
 
     Image i is drawn from `np.random.default_rng([seed, i])`, so splits from different seeds
-    share no image. With `tasks_per_region`, each region gets that many (task, language) pairs
-    drawn from `tasks` (all of them otherwise).
+    share no image. Records: see `records_for_image`.
     """
     from PIL import Image
 
@@ -358,7 +368,7 @@ def generate(
             image, regions = draw_image(rng, *image_hw)
             rel = f"images/{split}_{i:05d}.png"
             Image.fromarray(image).save(out / rel, optimize=False, compress_level=1)
-            for rec in records_for_image(split, i, rel, regions, rng, tasks, tasks_per_region):
+            for rec in records_for_image(split, i, rel, regions, rng, tasks, multi_turn):
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 n_rec += 1
     tmp.replace(jsonl)

@@ -14,6 +14,7 @@ def test_generate_is_deterministic_and_in_the_release_schema(tmp_path):
     a = demo_data.generate(tmp_path / "a", "train", 6, seed=3)
     b = demo_data.generate(tmp_path / "b", "train", 6, seed=3)
     c = demo_data.generate(tmp_path / "c", "train", 6, seed=4)
+    multi = demo_data.generate(tmp_path / "m", "train", 6, seed=3, multi_turn=True)
     assert a.jsonl.read_bytes() == b.jsonl.read_bytes()
     for i in range(6):
         name = f"images/train_{i:05d}.png"
@@ -29,6 +30,8 @@ def test_generate_is_deterministic_and_in_the_release_schema(tmp_path):
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert human["value"][len("<image>\n") :] in demo_data.PROMPTS.values()
         assert gpt["from"] == "gpt" and gpt["value"]
+        region, task, lang = r["id"].split(":")
+        assert human["value"].endswith(demo_data.PROMPTS[(task, lang)])
         mask = demo_data.rle_decode(r["segmentation"])
         assert mask.shape == (128, 128) and mask.any()
         x, y, w, h = r["bbox"]
@@ -37,6 +40,16 @@ def test_generate_is_deterministic_and_in_the_release_schema(tmp_path):
         assert len(r["points"]) == len(r["labels"]) and set(r["labels"]) == {1}
         for px, py in r["points"]:  # clicks fall on the region
             assert mask[int(py), int(px)]
+    # multi-turn: one record per (region, language) with the three tasks as turns
+    mrecs = [json.loads(x) for x in multi.jsonl.read_text().splitlines()]
+    assert multi.n_records * 3 == a.n_records
+    single = {(r["id"].split(":")[0], r["conversations"][1]["value"]) for r in recs}
+    for r in mrecs:
+        conv = r["conversations"]
+        assert len(conv) == 6 and conv[0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in conv[1:])
+        region = r["id"].split(":")[0]
+        assert {(region, t["value"]) for t in conv[1::2]} <= single
 
 
 def test_answers_name_the_attributes():
