@@ -20,8 +20,8 @@ demo resumes at the stage it stopped in; a DIR made with other settings is refus
    `mIoU` over held-out regions at the images' resolution, `exact_match` over the English
    recognize and brief-caption answers (normalised as `pam_jax.evaluation.metrics`), and
    `CIDEr` of the detailed captions where Java and pycocoevalcap are present.
-5. `loss.png` (training losses) and `predictions.png` (held-out regions, untrained and trained
-   side by side: mask overlay, generated text, reference).
+5. `loss.png` (the trainer's loss curve) and `predictions.png` (held-out regions, untrained and
+   trained side by side: mask overlay, generated text, reference).
 """
 
 from __future__ import annotations
@@ -157,6 +157,47 @@ def save_tokenizer(tok, out_dir: Path) -> Path:
     return out_dir
 
 
+# ---- helpers other tests use ------------------------------------------------------------------
+
+
+def random_sam2(size: str = "t", version: str = "2.1", image_size: int = 512, seed: int = 0):
+    """(SAM2Base with `init_params` weights, its SAM2Config) for one of the official sizes."""
+    from flax import nnx
+
+    from pam_jax.sam2.config import sam2_config
+    from pam_jax.sam2.model import SAM2Base
+
+    cfg = sam2_config(size, version, image_size)
+    return init_params(lambda: SAM2Base(cfg, rngs=nnx.Rngs(0)), seed, what="random SAM 2"), cfg
+
+
+def sample_image(h: int = 480, w: int = 640, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """A synthetic scene (sky, ground, sun, house, tree) and the shapes' boxes / centres."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, h)[:, None, None]
+    sky = (1 - y) * np.array([110, 170, 235]) + y * np.array([200, 225, 250])
+    img = np.broadcast_to(sky, (h, w, 3)).copy()
+    ground = int(h * 0.7)
+    img[ground:] = np.array([80, 150, 70])
+    img += rng.normal(0, 4, img.shape)  # a little texture
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    house = (int(w * 0.45), int(h * 0.42), int(w * 0.72), int(ground + h * 0.05))
+    d.rectangle(house, fill=(190, 60, 50))
+    d.polygon([(house[0] - 15, house[1]), (house[2] + 15, house[1]),
+               ((house[0] + house[2]) // 2, int(h * 0.25))], fill=(90, 50, 40))  # fmt: skip
+    d.rectangle((int(w * 0.56), int(h * 0.58), int(w * 0.62), house[3]), fill=(70, 40, 25))
+    sun_c, sun_r = (int(w * 0.15), int(h * 0.18)), int(min(h, w) * 0.08)
+    d.ellipse((sun_c[0] - sun_r, sun_c[1] - sun_r, sun_c[0] + sun_r, sun_c[1] + sun_r),
+              fill=(250, 210, 60))  # fmt: skip
+    d.rectangle((int(w * 0.84), int(h * 0.5), int(w * 0.87), ground + 10), fill=(100, 70, 40))
+    d.ellipse((int(w * 0.78), int(h * 0.3), int(w * 0.93), int(h * 0.56)), fill=(40, 110, 45))
+    shapes = {"house_box": [float(v) for v in house], "sun_center": [float(c) for c in sun_c]}
+    return np.asarray(im), shapes
+
+
 # ---- stages ---------------------------------------------------------------------------------
 
 
@@ -211,7 +252,7 @@ def run_training(root: Path, s: DemoSettings, data: dict[str, Path]) -> Path:
     export = Path(cfg.workdir) / "export"
     if (export / "config.json").is_file():
         return export
-    resume = (Path(cfg.workdir) / "config.json").is_file() or (Path(cfg.workdir)).is_dir()
+    resume = (Path(cfg.workdir) / "config.json").is_file()
     status(f"demo: training for {cfg.steps} steps ({'resuming' if resume else 'from scratch'})")
     train(cfg, resume=resume)
     return export
@@ -288,48 +329,6 @@ def score(pred_file: Path, data: dict[str, Path]) -> dict[str, Any]:
 
 
 # ---- pictures -------------------------------------------------------------------------------
-
-
-def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
-    """loss.png: the training loss per logged step (PIL only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    from pam_jax.viz import font
-
-    if not metrics_jsonl.is_file():
-        return None
-    recs = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if x.strip()]
-    keys = [k for k in ("loss", "lm_loss", "seg_loss") if any(k in r for r in recs)]
-    if not recs or not keys:
-        return None
-    w, h, m = 640, 360, 48
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    steps = [r["step"] for r in recs]
-    vals = [r[k] for r in recs for k in keys if r.get(k) is not None]
-    lo, hi = 0.0, max(vals) * 1.05 or 1.0
-    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-
-    def xy(s, v):
-        return m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)
-
-    d.rectangle((m, m, w - m, h - m), outline="black")
-    f = font(12)
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        d.text((4, xy(s0, v)[1] - 6), f"{v:.2f}", fill="black", font=f)
-    d.text((m, h - m + 6), str(s0), fill="black", font=f)
-    d.text((w - m - 24, h - m + 6), str(s1), fill="black", font=f)
-    d.text((w // 2 - 20, h - 20), "step", fill="black", font=f)
-    colours = {"loss": (30, 90, 200), "lm_loss": (200, 60, 40), "seg_loss": (40, 150, 60)}
-    for j, k in enumerate(keys):
-        pts = [xy(r["step"], r[k]) for r in recs if r.get(k) is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=colours[k], width=2)
-        d.text((w - m - 90, m + 6 + 16 * j), k, fill=colours[k], font=f)
-    d.text((m, 16), "pam-jax demo: training loss", fill="black", font=font(14))
-    im.save(out_png)
-    return out_png
 
 
 def prediction_sheet(
@@ -435,7 +434,8 @@ def demo(root: Path, s: DemoSettings, *, force: bool = False) -> dict[str, Any]:
     t = lap("eval", t)
     result = {name: score(p, data) for name, p in preds.items()}
     write_json(root / "metrics.json", result)
-    plot_losses(Path(cfg.workdir) / "metrics.jsonl", root / "loss.png")
+    if (Path(cfg.workdir) / "loss.png").is_file():  # drawn by the trainer from metrics.jsonl
+        shutil.copyfile(Path(cfg.workdir) / "loss.png", root / "loss.png")
     prediction_sheet(data, preds, root / "predictions.png")
     lap("pictures", t)
     times["total"] = round(time.perf_counter() - t0, 1)
