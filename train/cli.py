@@ -26,6 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="lower and compile the sharded step (with --topology: for a TPU pod, on this host)",
     )  # fmt: skip
     p.add_argument("--topology", help="TPU topology for --compile-only, e.g. v5e:16x16, v5p:4x4x4")
+    p.add_argument(
+        "--export-step", type=int, metavar="STEP", nargs="?", const=-1,
+        help="write a saved step (default the latest) of the run as workdir/export-STEP/",
+    )  # fmt: skip
     p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-process)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -53,9 +57,13 @@ def run(args) -> int:
             report = compile_only(cfg, topology=args.topology)
             return 0 if report["fits"] else 3
         from pam_jax.training.distributed import maybe_initialize
-        from pam_jax.training.trainer import TrainingError, train
+        from pam_jax.training.trainer import TrainingError, export_step, train
 
         maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+        if args.export_step is not None:
+            out = export_step(cfg, None if args.export_step < 0 else args.export_step)
+            print(json.dumps({"export": str(out)}))
+            return 0
         summary = train(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"pam-jax train: {e}", file=sys.stderr)
@@ -64,8 +72,9 @@ def run(args) -> int:
         print(f"pam-jax train: {e}", file=sys.stderr)
         return 1
     if summary.get("stopped_by_signal") is not None:
-        print(f"pam-jax train: stopped by signal {summary['stopped_by_signal']} at step "
-              f"{summary['step']}; checkpoint saved, continue with --resume", file=sys.stderr)  # fmt: skip
+        sig, step = summary["stopped_by_signal"], summary["step"]
+        msg = f"stopped by signal {sig} at step {step}; checkpoint saved, continue with --resume"
+        print(f"pam-jax train: {msg}", file=sys.stderr)
         return 128 + int(summary["stopped_by_signal"])
     print(json.dumps(summary))
     return 0

@@ -111,6 +111,8 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not a positive multiple of "
                 f"grad_accum={self.grad_accum}"
             )
+        if not self.workdir:
+            raise ConfigError("workdir is empty: give workdir=DIR")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -294,3 +294,35 @@ def _tokenizer_dir(cfg: TrainConfig):
 
 
 __all__ = ["TrainState", "train", "TrainingError"]
+
+
+def export_step(cfg: TrainConfig, step: int | None = None, out_dir=None) -> Path:
+    """Write a saved step of the run in `cfg.workdir` (default: the latest) as a model
+    directory (`workdir/export-<step>/` unless `out_dir`), without training."""
+    cfg.validate()
+    wd = Path(cfg.workdir)
+    if not (wd / "checkpoints").is_dir():
+        raise ConfigError(f"{wd} has no checkpoints to export")
+    ckpt = Checkpoints(wd, cfg.keep)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise ConfigError(f"{wd} has no checkpoints to export")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ConfigError(f"{wd} has no checkpoint of step {step}; saved steps: {steps}")
+    mesh = make_run_mesh(cfg.mesh)
+    model, tok = load_model(cfg)
+    spec = spec_for(model, cfg.parts)
+    from pam_jax.checkpoint import flat_params
+
+    trainable, frozen = spec.split(flat_params(model))
+    del model
+    trainer = Trainer.build(cfg, spec, make_optimizer(cfg, spec), mesh)
+    target = jax.eval_shape(lambda: trainer.init_state(trainable, cfg.seed))
+    state, _ = ckpt.restore(step, target, trainer.state_shardings)
+    ckpt.close()
+    full = _gather({**state.params, **trainer.place_frozen(frozen)})
+    out = Path(out_dir) if out_dir else wd / f"export-{step}"
+    if jax.process_index() == 0:
+        export_model(spec, full, out, tokenizer_dir=_tokenizer_dir(cfg))
+    return out
