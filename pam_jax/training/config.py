@@ -41,6 +41,10 @@ class TrainConfig:
     image_root: str = ""
     eval_data: str = ""
     eval_every: int = 0
+    # the evaluator (pam_jax.evaluation) on a benchmark file every eval_every steps
+    eval_bench: str = ""
+    eval_format: str = "pam"
+    eval_limit: int = 0  # items (0: all)
     workdir: str = "runs/train"
     steps: int = 100
     batch_size: int = 8  # global, per optimizer step (over all micro-batches and devices)

@@ -34,7 +34,7 @@ from pam_jax.training.step import Trainer, TrainState, make_run_mesh
 # keys that may change on --resume (they do not change the math of the steps already run)
 RESUMABLE = {
     "steps", "workdir", "log_every", "save_every", "keep", "eval_every", "eval_data", "export",
-    "nan_check",
+    "nan_check", "eval_bench", "eval_format", "eval_limit",
 }  # fmt: skip
 
 
@@ -189,6 +189,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     t_prev = time.perf_counter()
     step = start
     truncated = 0  # this process's rows cut at model_max_length since (re)start
+    evaluator = None
     with _Signals() as sig:
         while step < cfg.steps:
             local = next(source)
@@ -239,6 +240,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
             if cfg.eval_data and cfg.eval_every and step % cfg.eval_every == 0:
                 val = validate(cfg, trainer, state, frozen_dev, tok, pam_cfg, seq_len, mesh)
                 runlog.log_eval({"step": step, **val})
+            if cfg.eval_bench and cfg.eval_every and step % cfg.eval_every == 0:
+                evaluator = evaluator or _evaluator(cfg, tok, wd)
+                model = spec.merge({**state.params, **frozen_dev})
+                runlog.log_eval({"step": step, **evaluator.run(model, step)})
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 metrics = None if val is None else {"val_loss": val["val_loss"]}
                 ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
@@ -258,6 +263,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
 
 
 EVAL_BATCHES = 8
+
+
+def _evaluator(cfg: TrainConfig, tok, wd: Path):
+    """pam_jax.evaluation's Evaluator on `eval_bench` (outputs under workdir/eval/)."""
+    from pam_jax.evaluation.api import EvalConfig, Evaluator
+
+    if tok is None:
+        raise ConfigError("eval_bench needs a tokenizer: train from a model directory")
+    ec = EvalConfig(
+        data=cfg.eval_bench, format=cfg.eval_format, image_root=cfg.image_root or None,
+        limit=cfg.eval_limit or None,
+    )  # fmt: skip
+    return Evaluator(ec, tok, wd / "eval")
 
 
 def validate(cfg, trainer, state, frozen, tok, pam_cfg, seq_len, mesh) -> dict[str, float]:
