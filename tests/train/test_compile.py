@@ -12,6 +12,7 @@ import sys
 import pytest
 
 
+@pytest.mark.heavy  # a few minutes of XLA TPU compile on 2 CPU cores
 def test_micro_step_compiles_for_v5e_2x4(tmp_path):
     pytest.importorskip("libtpu")
     cmd = [
