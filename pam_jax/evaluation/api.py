@@ -139,6 +139,11 @@ def finish(
             f"predictions do not match the data: {len(missing)} missing, {len(unknown)} unknown "
             "ids (--strict)"
         )
+    failed = {k: v["error"] for k, v in preds.items() if "error" in v and k in wanted}
+    for k, e in list(failed.items())[:10]:
+        _warn(f"{k}: {e} (skipped)")
+    if len(failed) > 10:
+        _warn(f"... {len(failed) - 10} more items could not run")
     values, unscored = score(items, preds, lang=cfg.lang)
     n_ids = len(wanted)
     flat: dict[str, Any] = dict(values)
@@ -152,6 +157,7 @@ def finish(
     bench = report.guess_benchmark(cfg.data, cfg.format, cfg.benchmark)
     rep = report.build_report(flat, benchmark=bench, settings=settings)
     rep["problems"] = [str(p) for p in loaded.problems]
+    rep["failed_items"] = failed
     ex = _examples(items, preds, N_EXAMPLES)
     page = None
     if ex:
@@ -196,6 +202,8 @@ def evaluate(
         return finish(cfg, loaded, preds, out, settings)
     if model is None:
         raise EvalError("evaluate: give a model or a predictions file")
+    cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(tokenizer))
+    settings = _settings(cfg, model_id, tasks)
     RunFolder.open(out, command="eval", settings=settings, force=force)
     from pam_jax.pam.predictor import PAMPredictor
 
@@ -240,7 +248,7 @@ class Evaluator:
             model = nnx.merge(*model)
         out = self.out_dir / f"step_{int(step)}"
         out.mkdir(parents=True, exist_ok=True)
-        cfg = self.config
+        cfg = dataclasses.replace(self.config, decode=self.config.decode.resolved(self.tokenizer))
         pred = PAMPredictor(
             model, self.tokenizer, sampling=cfg.decode.sampling(),
             max_new_tokens=cfg.decode.max_new_tokens,

@@ -40,6 +40,10 @@ _HINTS = (
     ("hcstvg", "HC-STVG"), ("hc-stvg", "HC-STVG"), ("hc_stvg", "HC-STVG"),
 )  # fmt: skip
 SCALED = {"mIoU", "cIoU", "J", "F", "J&F"}  # fractions shown x100 besides the text metrics
+METRIC_KEYS = {
+    "semantic_similarity", "semantic_iou", "exact_match", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4",
+    "METEOR", "ROUGE-L", "CIDEr", *SCALED,
+}  # fmt: skip
 
 
 def guess_benchmark(data: str, fmt: str, benchmark: str | None = None) -> str | None:
@@ -57,10 +61,8 @@ def guess_benchmark(data: str, fmt: str, benchmark: str | None = None) -> str | 
 
 
 def _shown(key: str, value: float) -> float:
-    base = key.split("/")[-1]
-    if base in ("n_items", "n_skipped") or isinstance(value, str):
-        return value
-    return 100.0 * value if base in SCALED or base[:1].isupper() or "_" in base else value
+    """Every metric is a fraction (CIDEr a ratio): the papers print them x100."""
+    return 100.0 * value
 
 
 def build_report(
@@ -71,7 +73,7 @@ def build_report(
     for k, v in metrics_.items():
         if not isinstance(v, float | int) or isinstance(v, bool) or k in settings:
             continue
-        if k in ("n_items", "n_skipped", "n_missing", "n_unknown"):
+        if k.split("/")[-1] not in METRIC_KEYS:
             continue
         row = {"metric": k, "ours": round(_shown(k, float(v)), 2)}
         if k in paper:

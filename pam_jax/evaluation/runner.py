@@ -9,7 +9,8 @@ host threads. Video items run one SAM 2 tracking pass each; streamed videos run 
 order, each prompted by its own box and carrying the previous event's prediction as history.
 
 Resuming: `predictions.jsonl` holds one line per finished id ({"id", "pred"} plus "mask_rle"
-for images and "masks_rle" (one RLE per frame) for videos); a restart skips the finished ids
+for images and "masks_rle" (one RLE per frame) for videos; {"id", "error"} for an item that
+could not run: an unreadable image, a prompt outside its image); a restart skips the finished ids
 (and drops a half-written last line), so a killed run loses nothing and repeats nothing. Lines
 are flushed and fsynced per batch.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pam_jax.cliutil import CLIError
 from pam_jax.evaluation.formats import TASKS, Item, decode_mask, encode_mask
 
 PREDICTIONS = "predictions.jsonl"
@@ -40,13 +42,22 @@ class DecodeSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None  # None: the checkpoint's generation_config.json
     seed: int = 0
+
+    def resolved(self, tokenizer: Any) -> DecodeSettings:
+        """These settings with the repetition penalty filled in from the tokenizer's
+        generation config (else 1 = off)."""
+        from pam_jax.cliutil import repetition_penalty
+
+        pen = repetition_penalty(self.repetition_penalty, tokenizer)
+        return dataclasses.replace(self, repetition_penalty=pen)
 
     def sampling(self):
         from pam_jax.llm.sampler import SamplingParams
 
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+        pen = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        return SamplingParams(self.temperature, self.top_p, self.top_k, pen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +127,17 @@ def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
     return r
 
 
+# what a bad item raises (an unreadable image, a prompt outside the image, a mask of another
+# size): the item gets {"id", "error"} and the run goes on; anything else stops the run
+FAILURES = (ValueError, OSError, CLIError)
+
+
+def _error(e: BaseException) -> str:
+    from pam_jax.cliutil import error_message
+
+    return error_message(e)
+
+
 def _batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     """Consecutive items in groups of `batch_size` regions (one task per group)."""
     out: list[list[Item]] = []
@@ -143,7 +165,7 @@ def _prefetch(groups: Sequence[list[Item]], workers: int = 4) -> Iterator[tuple[
         for k, g in enumerate(groups):
             if k + ahead < len(groups):
                 futures.append(submit(groups[k + ahead]))
-            yield g, {p: f.result() for p, f in futures[k].items()}
+            yield g, {p: f.exception() or f.result() for p, f in futures[k].items()}
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -162,25 +184,38 @@ class Runner:
     def image_group(self, group: Sequence[Item], images: dict[str, np.ndarray]) -> list[dict]:
         """One batch of image items: SAM 2 per image, one padded generation for all regions."""
         from pam_jax.pam.predictor import LLMInputs
-        from pam_jax.sam2.common import pow2_bucket
 
         task = group[0].task
         by_image: dict[str, list[int]] = {}
         for i, it in enumerate(group):
             by_image.setdefault(it.media[0], []).append(i)
         masks: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
         parts: list[tuple[list[int], Any]] = []
         for path, idx in by_image.items():
             img = images[path]
-            regions = [_region(group[i], img.shape[:2]) for i in idx]
-            # pad the region count to a power of two: one SAM 2 program per bucket
-            regions += [regions[0]] * (pow2_bucket(len(regions)) - len(regions))
-            inp = self.pred.image_inputs(img, regions, TASKS[task], self.lang)
+            if isinstance(img, BaseException):
+                errors.update({i: _error(img) for i in idx})
+                continue
+            try:
+                inp = self._image(img, [group[i] for i in idx], task)
+            except FAILURES:  # find the bad region(s); the others still run together
+                ok = []
+                for i in idx:
+                    try:
+                        self._image(img, [group[i]], task)
+                        ok.append(i)
+                    except FAILURES as e:
+                        errors[i] = _error(e)
+                if not ok:
+                    continue
+                idx = ok
+                inp = self._image(img, [group[i] for i in idx], task)
             for j, i in enumerate(idx):
                 masks[i] = inp.masks[j]
             parts.append((idx, inp.llm))
         texts: dict[int, str] = {}
-        if task != "segment":
+        if task != "segment" and parts:
             import jax.numpy as jnp
 
             rows = [(i, k, llm) for idx, llm in parts for k, i in enumerate(idx)]
@@ -195,12 +230,38 @@ class Runner:
             gen = self.pred.generate(joined, self.seed)
             for r, (i, _, _) in enumerate(rows):
                 texts[i] = gen[r][0]
-        return [
-            {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(masks[i])}
-            for i, it in enumerate(group)
-        ]
+        out = []
+        for i, it in enumerate(group):
+            if i in errors:
+                out.append({"id": it.id, "error": errors[i]})
+            else:
+                out.append(
+                    {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(masks[i])}
+                )
+        return out
+
+    def _image(self, img: np.ndarray, items: Sequence[Item], task: str):
+        """image_inputs for some regions of one image, their count padded to a power of two
+        (one SAM 2 program per bucket; the padding rows repeat the first region)."""
+        from pam_jax.sam2.common import pow2_bucket
+
+        regions = [_region(it, img.shape[:2]) for it in items]
+        regions += [regions[0]] * (pow2_bucket(len(regions)) - len(regions))
+        return self.pred.image_inputs(img, regions, TASKS[task], self.lang)
 
     def video_item(self, it: Item) -> list[dict]:
+        try:
+            return self._video_item(it)
+        except FAILURES as e:
+            return [{"id": it.id, "error": _error(e)}]
+
+    def stream_item(self, it: Item) -> list[dict]:
+        try:
+            return self._stream_item(it)
+        except FAILURES as e:
+            return [{"id": ev.id, "error": _error(e)} for ev in it.events]
+
+    def _video_item(self, it: Item) -> list[dict]:
         frames = [_load_image(p) for p in it.media]
         region = _region(it, frames[0].shape[:2])
         res = self.pred.describe_video(
@@ -208,7 +269,7 @@ class Runner:
         )
         return [{"id": it.id, "pred": res.text, "masks_rle": [encode_mask(m) for m in res.masks]}]
 
-    def stream_item(self, it: Item) -> list[dict]:
+    def _stream_item(self, it: Item) -> list[dict]:
         out, history = [], None
         for ev in it.events:
             frames = [_load_image(p) for p in ev.frames]

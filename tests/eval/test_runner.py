@@ -49,9 +49,11 @@ def data(setup, tmp_path_factory):  # noqa: F811
     rle = formats.encode_mask(m.astype(bool))
     coco = {
         "images": [{"id": 1, "file_name": "a.png", "height": 300, "width": 420},
-                   {"id": 2, "file_name": "b.png", "height": 300, "width": 420}],
+                   {"id": 2, "file_name": "b.png", "height": 300, "width": 420},
+                   {"id": 3, "file_name": "gone.png", "height": 300, "width": 420}],
         "annotations": [{"id": 10 + k, "image_id": 1 + k % 2, "bbox": [40, 30, 160, 220 - k],
-                         "segmentation": rle} for k in range(3)],
+                         "segmentation": rle} for k in range(3)]
+                       + [{"id": 13, "image_id": 3, "bbox": [1, 1, 9, 9], "segmentation": rle}],
     }  # fmt: skip
     (d / "coco.json").write_text(json.dumps(coco))
     return d
@@ -78,7 +80,8 @@ def test_batched_equals_unbatched(setup, unbatched, tmp_path):  # noqa: F811
     assert [it.task for it in items] == ["recognize"] * 5
     _run(model, tok, items, tmp_path / "b4", 4)  # 2 images per batch, 1-2 regions each
     four = read_predictions(tmp_path / "b4" / PREDICTIONS)
-    assert list(one) == list(four) == [f"r{k}" for k in range(5)]
+    # grouped by image: a.png's regions r0, r2, r4 first, then b.png's
+    assert list(one) == list(four) == ["r0", "r2", "r4", "r1", "r3"]
     assert one == four  # texts and mask RLEs
     # and the public per-image API, one region per call
     pred = PAMPredictor(model, tok, max_new_tokens=NEW)
@@ -132,7 +135,9 @@ def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, ca
     base = ["--data", data / "coco.json", "--format", "coco", "--out", out, "--batch-size", 2]
     assert _eval("--model", model_dir, *base) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_items"] == 3 and metrics["n_skipped"] == 0
+    # the annotation on a missing image is recorded as failed and skipped, not fatal
+    assert metrics["n_items"] == 3 and metrics["n_skipped"] == 1
+    assert "13: image" in capsys.readouterr().err
     assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["cIoU"] <= 1
     assert metrics["task"] == "segment" and metrics["temperature"] == 0.0
     assert (out / "report.md").is_file() and (out / "examples.png").is_file()
@@ -151,6 +156,7 @@ def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, ca
     assert "other settings" in err and "max_new_tokens" in err
     # scoring a predictions file: an unknown and a missing id are reported
     lines = [json.loads(x) for x in preds.splitlines()]
+    assert [x["id"] for x in lines if "error" in x] == ["13"]
     lines[0]["id"] = "nope"
     pf = tmp_path / "p.jsonl"
     pf.write_text("".join(json.dumps(x) + "\n" for x in lines))
