@@ -18,7 +18,8 @@ padding queries return zeros. Implementations:
 - "splash": the Pallas TPU splash-attention kernel with segment ids (TPU; compiled on a CPU host
   for a TPU topology in the tests). Sequence length a multiple of 128.
 - "dense": the reference: a [B, KV, G, T, T] float32 score tensor. Tests only.
-- "auto": cudnn on GPU for bf16/fp16 unpacked rows, splash on TPU, chunked otherwise.
+- "auto": cudnn on GPU for bf16/fp16 unpacked rows, splash on TPU (lengths that are multiples
+  of 128), chunked otherwise.
 
 `decode_gqa` is the one-token step over a KV cache (a Pallas flash-decoding kernel on GPU).
 """
@@ -77,6 +78,8 @@ def attend(
     if segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
     impl = resolve(implementation, q.dtype, packed=packed)
+    if impl == "splash" and implementation == "auto" and t % 128:
+        impl = "chunked"  # splash tiles by 128 (short prefill buckets)
     seg = segment_ids.astype(jnp.int32)
     if impl == "chunked":
         return chunked_attention(q, k, v, seg, block=block)
