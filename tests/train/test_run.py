@@ -102,6 +102,24 @@ def test_run_writes_logs_and_export(uninterrupted):
     assert cfg.llm.vocab_size == 512 and model.parts.image_newline.shape == (64,)
 
 
+def test_export_step_writes_a_saved_step(uninterrupted, cache):
+    """--export-step 4: step 4's trained parameters (not the final ones), frozen ones as run."""
+    import jax.numpy as jnp
+
+    from pam_jax.checkpoint import flat_params
+    from pam_jax.pam.model import load_pam
+
+    wd = uninterrupted
+    _run(_cmd(wd, "--export-step", "4"), _env(cache))
+    kw = dict(llm_dtype=jnp.float32, resize_to_tokenizer=False)
+    at4 = flat_params(load_pam(wd / "export-4", **kw)[0])
+    final = flat_params(load_pam(wd / "export", **kw)[0])
+    trained = "parts.mm_projector_img.0.kernel"
+    assert not np.array_equal(np.asarray(at4[trained]), np.asarray(final[trained]))
+    frozen = "sam2.sam_mask_decoder.iou_token.embedding"
+    np.testing.assert_array_equal(np.asarray(at4[frozen]), np.asarray(final[frozen]))
+
+
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path, cache):
     ref = _losses(uninterrupted)
     wd = tmp_path / "b"
