@@ -95,8 +95,8 @@ def _settings(cfg: EvalConfig, model_id: str, tasks: list[str]) -> dict[str, Any
 
 
 def _examples(items, preds, n: int):
-    from pam_jax.cliutil import read_image
     from pam_jax.evaluation.formats import decode_mask
+    from pam_jax.evaluation.runner import load_image
 
     out = []
     for it in items:
@@ -106,7 +106,7 @@ def _examples(items, preds, n: int):
         if it.kind != "image" or line is None:
             continue
         try:
-            img = read_image(it.media[0])
+            img = load_image(it.media[0])
         except (OSError, ValueError):
             continue
         rle = line.get("mask_rle")

@@ -113,10 +113,17 @@ class PredictionWriter:
 # inference
 
 
-def _load_image(path: str) -> np.ndarray:
-    from pam_jax.cliutil import read_image
+def load_image(path: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] decoded as training decodes it (`pam_jax.data.preprocess`): EXIF
+    orientation ignored, as the release (benchmark boxes are in the stored pixels)."""
+    from PIL import UnidentifiedImageError
 
-    return read_image(path)
+    from pam_jax.data.preprocess import decode_image
+
+    try:
+        return decode_image(Path(path).read_bytes())
+    except (UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"image {path} is not a readable image ({e})") from None
 
 
 def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
@@ -157,7 +164,7 @@ def _prefetch(groups: Sequence[list[Item]], workers: int = 4) -> Iterator[tuple[
 
         def submit(g):
             paths = sorted({it.media[0] for it in g})
-            return {p: pool.submit(_load_image, p) for p in paths}
+            return {p: pool.submit(load_image, p) for p in paths}
 
         ahead = 2
         for g in groups[:ahead]:
@@ -262,7 +269,7 @@ class Runner:
             return [{"id": ev.id, "error": _error(e)} for ev in it.events]
 
     def _video_item(self, it: Item) -> list[dict]:
-        frames = [_load_image(p) for p in it.media]
+        frames = [load_image(p) for p in it.media]
         region = _region(it, frames[0].shape[:2])
         res = self.pred.describe_video(
             frames, region, "video_caption", self.lang, history=it.history, rng=self.seed
@@ -272,7 +279,7 @@ class Runner:
     def _stream_item(self, it: Item) -> list[dict]:
         out, history = [], None
         for ev in it.events:
-            frames = [_load_image(p) for p in ev.frames]
+            frames = [load_image(p) for p in ev.frames]
             res = self.pred.describe_video(
                 frames, {"box": list(ev.box)}, "streaming_caption", self.lang,
                 history=history, rng=self.seed,
