@@ -57,7 +57,7 @@ class DemoSettings:
     @classmethod
     def make(cls, *, quick: bool, steps: int | None, seed: int) -> DemoSettings:
         if quick:
-            return cls(True, steps or 0, seed, train_images=200, heldout_images=16)
+            return cls(True, steps or 0, seed, train_images=120, heldout_images=8)
         return cls(False, steps or 0, seed)
 
     @property
@@ -69,7 +69,7 @@ class DemoSettings:
 
 
 def micro_config(image_size: int = 128, vocab_size: int = 160):
-    """The demo's PAMConfig: SAM 2.1-style micro Hiera (embed 32, stages 1-2-2-1, d_model 64)
+    """The demo's PAMConfig: SAM 2.1-style micro Hiera (embed 16, stages 1-2-2-1, d_model 64)
     at `image_size` (stride-16 map image_size / 16: 8 x 8 at 128, so 16 dense visual tokens, 34
     visual embeddings), a perceiver of width 64, and a 2-layer Qwen2 of width 128 with tied
     embeddings over `vocab_size` ids (the tokenizer's length, padded)."""
@@ -78,7 +78,7 @@ def micro_config(image_size: int = 128, vocab_size: int = 160):
     from pam_jax.sam2.config import HieraConfig, SAM2Config
 
     hiera = HieraConfig(
-        embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
+        embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
         window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
     )  # fmt: skip
     sam2 = SAM2Config(

@@ -1,8 +1,9 @@
 """The demo's synthetic region dataset, in the release's JSONL format (numpy + PIL, no downloads).
 
 Each image is a textured background (noise, stripes, checks or a gradient over a muted colour)
-with 1 to 3 shapes (`SHAPES`) of the saturated `COLOURS` in distinct cells of a 3 x 3 grid, in two
-sizes. Every shape is one region and gives records like the release's (`pam.md` section 4):
+with 1 or 2 shapes (`SHAPES`; `max_shapes`) of the saturated `COLOURS` in distinct cells of a
+3 x 3 grid, in two sizes. Every shape is one region and gives records like the release's
+(`pam.md` section 4):
 
     {"id": ..., "type": "image", "image": "images/train_00012.png",
      "conversations": [{"from": "human", "value": "<image>\\n<task prompt>"},
@@ -166,7 +167,7 @@ def _background(rng: np.random.Generator, h: int, w: int, texture: str) -> np.nd
 
 
 def draw_image(
-    rng: np.random.Generator, h: int = 128, w: int = 128, max_shapes: int = 3
+    rng: np.random.Generator, h: int = 128, w: int = 128, max_shapes: int = 2
 ) -> tuple[np.ndarray, list[Region]]:
     """One synthetic image (uint8 [H, W, 3]) and its regions, in drawing order."""
     from PIL import Image, ImageDraw
