@@ -15,7 +15,9 @@ Parts (`train_parts`), by key prefix:
     sam2_decoder   every other sam2.* (prompt encoder, mask decoder, memory, pointers)
 
 The release's `mm_language_model` also covers the newline vectors; here they are their own
-part, and the stage configs list them with the perceiver and projectors.
+part, and the stage configs list them with the perceiver and projectors. The random-Fourier
+position matrices (`pe_layer.positional_encoding_gaussian_matrix`) are torch buffers in the
+release: they stay frozen whatever the part.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from pam_jax.pam.model import PAM, PAMParts
 from pam_jax.training.config import ConfigError, TrainConfig
 
 _NEWLINES = ("parts.image_newline", "parts.semT_newline", "parts.frame_newline")
+# torch buffers (not parameters) in the release: loaded, never trained
+BUFFERS = ("positional_encoding_gaussian_matrix",)
+
+
+def is_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in BUFFERS
 
 
 def part_of(key: str) -> str:
@@ -134,7 +142,7 @@ def spec_for(model: PAM, trainable_parts: tuple[str, ...]) -> ModelSpec:
     names = {path_key(p): sharding.param_names(v) for p, v in flat}
     shapes = {path_key(p): tuple(v.shape) for p, v in flat}
     parts = {k: part_of(k) for k in keys}
-    trainable = frozenset(k for k in keys if parts[k] in trainable_parts)
+    trainable = frozenset(k for k in keys if parts[k] in trainable_parts and not is_buffer(k))
     return ModelSpec(model.config, graphdef, treedef, keys, names, shapes, parts, trainable)
 
 

@@ -93,6 +93,10 @@ def main(argv) -> int:
     ref = {k: np.asarray(v) for k, v in ref_state.params.items()}
     moved = max(float(np.abs(ref[k] - params[k]).max()) for k in ref)
     assert moved > 1e-5, f"one step did not change the trained parameters ({moved})"
+    # the gradient reaches every trained tensor (biases / norms / vectors have no decay)
+    still = [k for k in ref if np.array_equal(ref[k], params[k])]
+    assert not still, f"no update for {still}"
+    assert not any(k.endswith("positional_encoding_gaussian_matrix") for k in spec.trainable)
 
     def compare(state, loss, what):
         np.testing.assert_allclose(loss[0], ref_loss[0], rtol=1e-5, err_msg=what)

@@ -94,6 +94,8 @@ def test_parts_cover_every_parameter(spec):
     assert part_of("sam2.sam_mask_decoder.iou_token.embedding") == "sam2_decoder"
     assert all(spec.parts[k] in MICRO.parts for k in spec.trainable)
     assert not any(k.startswith("sam2.") for k in spec.trainable)
+    fourier = "parts.vision_resampler.pe_layer.positional_encoding_gaussian_matrix"
+    assert spec.parts[fourier] == "perceiver" and fourier not in spec.trainable  # a buffer
     # decay only on matrices: no norms, biases, newline vectors
     assert decays("llm.model.layers.0.mlp.up_proj.kernel", 2)
     assert not decays("llm.model.layers.0.input_layernorm.weight", 1)
