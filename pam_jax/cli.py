@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pam_jax.llm.cli", "generate text with a Qwen2 model"),
     "predict": ("pam_jax.pam.cli", "recognize, explain and caption regions with PAM"),
     "perceive": ("pam_jax.pam.perceive", "segment everything in an image; describe each region"),
-    "demo": ("pam_jax.demo", "run the built-in demo (no downloads, random weights)"),
+    "demo": ("pam_jax.demo", "generate data, train, evaluate and show a micro PAM (no downloads)"),
     "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
     "data": ("pam_jax.data.cli", "prepare and inspect training data (JSONL -> ArrayRecord)"),
     "train": ("pam_jax.train.cli", "train PAM on a device mesh (stages, resume, compile-only)"),
