@@ -93,8 +93,14 @@ def main(argv) -> int:
     ref = {k: np.asarray(v) for k, v in ref_state.params.items()}
     moved = max(float(np.abs(ref[k] - params[k]).max()) for k in ref)
     assert moved > 1e-5, f"one step did not change the trained parameters ({moved})"
-    # the gradient reaches every trained tensor (biases / norms / vectors have no decay)
-    still = [k for k in ref if np.array_equal(ref[k], params[k])]
+    # the gradient reaches every trained tensor, except: attention key biases (softmax is
+    # invariant to them: zero gradient), the video-only frame_newline and sparse-frame proj (an
+    # image batch), and query biases whose updates (gradients ~1e-9 through adam_eps 1e-3) fall
+    # below float32 resolution
+    exempt = ("k_proj.bias", "q_proj.bias", "parts.frame_newline", "vision_resampler.proj.")
+    still = [
+        k for k in ref if np.array_equal(ref[k], params[k]) and not any(e in k for e in exempt)
+    ]
     assert not still, f"no update for {still}"
     assert not any(k.endswith("positional_encoding_gaussian_matrix") for k in spec.trainable)
 
