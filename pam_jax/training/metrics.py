@@ -134,6 +134,7 @@ class RunLog:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        self._bar = self._tb = None
 
     def plot(self) -> Path | None:
         """loss.png: training loss (and per-source and validation losses) over steps."""

@@ -203,6 +203,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
             if cfg.nan_check and not bool(m["finite"]):
                 ckpt.wait()
                 good = ckpt.latest_step()
+                ckpt.close()
+                runlog.close()  # the progress bar ends before the error line
                 raise TrainingError(
                     f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, "
                     f"grad_norm {float(m['grad_norm'])}); last good checkpoint: "

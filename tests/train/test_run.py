@@ -225,5 +225,5 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, cache):
     cmd = _cmd(wd, "learning_rate=1e38", "min_lr=1e37", "warmup_steps=0", "save_every=1")
     r = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=900)
     assert r.returncode == 1, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last = r.stderr.strip().splitlines()[-1]  # the one-line error, after the progress bar
     assert "non-finite loss or gradient at step 1" in last and "checkpoints/1" in last
