@@ -41,6 +41,10 @@ import numpy as np
 from pam_jax.cliutil import CLIError, RunFolder, positive_int, status, write_json
 
 
+STAGE_DIRS = ("data", "model_init", "train", "eval")
+OUTPUTS = ("metrics.json", "loss.png", "predictions.png")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     """What a demo folder is made with (recorded in DIR/run.json; a resume must match)."""
@@ -412,7 +416,11 @@ def _wrap(text: str, width: int) -> list[str]:
 def demo(root: Path, s: DemoSettings, *, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    RunFolder.open(root, command="demo", settings=dataclasses.asdict(s), force=force)
+    run = RunFolder.open(root, command="demo", settings=dataclasses.asdict(s), force=force)
+    if force and not run.resumed:  # the stages of other settings are not reused
+        for name in (*STAGE_DIRS, *OUTPUTS):
+            p = root / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     def lap(name: str, t: float) -> float:
         now = time.perf_counter()
@@ -463,7 +471,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="smaller data and fewer steps (the test suite's form; lower scores)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
-    p.add_argument("--force", action="store_true", help="reuse a DIR made with other settings")
+    p.add_argument(
+        "--force", action="store_true",
+        help="start over in a DIR made with other settings (its demo files are deleted)",
+    )  # fmt: skip
     return p
 
 
@@ -492,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
         secs = result["seconds"]
         print(f"{result['steps']} training steps; seconds: " +
               ", ".join(f"{k} {v}" for k, v in secs.items()))  # fmt: skip
-        for name in ("metrics.json", "loss.png", "predictions.png"):
+        for name in OUTPUTS:
             print(f"wrote {root / name}")
         print(f"model: {root / 'train' / 'export'} (pam-jax predict --model ...); "
               f"data: {root / 'data'}")  # fmt: skip
