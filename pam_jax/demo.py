@@ -40,7 +40,6 @@ import numpy as np
 
 from pam_jax.cliutil import CLIError, RunFolder, positive_int, status, write_json
 
-
 STAGE_DIRS = ("data", "model_init", "train", "eval")
 OUTPUTS = ("metrics.json", "loss.png", "predictions.png")
 
