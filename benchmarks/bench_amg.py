@@ -43,9 +43,15 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # torch shares t
 
 def _images(hw: tuple[int, int], n: int) -> list[np.ndarray]:
     from PIL import Image
-    from skimage import data
 
-    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    try:
+        from skimage import data
+
+        photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    except ImportError:  # scikit-image is a test extra: smooth random pictures instead
+        rng = np.random.default_rng(0)
+        photos = [np.asarray(Image.fromarray(rng.integers(0, 256, (24, 32, 3), np.uint8))
+                             .resize((640, 480), Image.BICUBIC)) for _ in range(3)]  # fmt: skip
     h, w = hw
     return [np.asarray(Image.fromarray(p).resize((w, h), Image.BICUBIC)) for p in photos[:n]]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 from itertools import product
 from typing import Any
 
@@ -107,15 +106,6 @@ def nms_host(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
     v = np.arange(k) < n
     out = np.asarray(nms(b, s, v, np.float32(iou_threshold)))
     return out[out >= 0].astype(np.int64)
-
-
-@partial(jax.jit, static_argnames=("hw",))
-def upsample_masks(low_res: jax.Array, mask_threshold, *, hw: tuple[int, int]) -> jax.Array:
-    """Low-res logits [N, 4h, 4w] -> binary masks [N, H, W] (bilinear, no antialiasing, as the
-    official predictor's `postprocess_masks`, then > mask_threshold)."""
-    from pam_jax.sam2.ops import resize_bilinear
-
-    return resize_bilinear(low_res.astype(jnp.float32), hw, False, axes=(-2, -1)) > mask_threshold
 
 
 # ---------------------------------------------------------------------------------------------
