@@ -8,7 +8,9 @@ saved as an official `.pt` and converted with `pam-jax convert sam2`, so they fi
 masks. Images: scikit-image's photos (`astronaut` 512 x 512, `chelsea` 300 x 451, `coffee`
 400 x 600) resized to `--image-hw` (default 1024 x 1536, a typical photo). Timed per image,
 end to end (`generate(image)` -> records with binary masks; host RLE / decode included), median
-over `--reps` passes of the images after one warm-up pass. Settings:
+over `--reps` passes of the images after one warm-up pass. On the GPU both compute in bf16
+(pam-jax: `load_sam2(dtype=bfloat16)`; official: `torch.autocast(bfloat16)`, as its README
+runs it); on the CPU float32. Settings:
 
 - default: the official defaults (points_per_side 32, points_per_batch 64, pred_iou_thresh 0.8,
   stability_score_thresh 0.95, box NMS 0.7, no crops). With random weights few masks pass;
@@ -81,7 +83,7 @@ def _torch_nms_port():
     return batched_nms
 
 
-def _official(size: str, image_size: int, dev: str):
+def _official(size: str, image_size: int, dev: str, dtype):
     """The official model (random, perturbed) and a converted pam-jax copy."""
     import torch
 
@@ -110,7 +112,7 @@ def _official(size: str, image_size: int, dev: str):
         if image_size != 1024:
             argv += ["--image-size", str(image_size)]
         assert cli(argv) == 0
-        model, _ = load_sam2(Path(tmp) / "m")
+        model, _ = load_sam2(Path(tmp) / "m", dtype=dtype)  # compute dtype; params float32
     return ref.to(dev), model, patched
 
 
@@ -126,12 +128,15 @@ def _median_per_image(fn, images, reps: int) -> tuple[float, list[int]]:
 
 
 def bench_masks(args, settings: dict) -> dict:
+    import jax.numpy as jnp
     import torch
 
     from pam_jax.sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
     dev = "cpu" if args.cpu else "cuda"
-    ref, model, patched = _official(args.size, args.image_size, dev)
+    # bf16 compute on the GPU on both sides (the official one under torch.autocast)
+    dtype = jnp.float32 if args.cpu else jnp.bfloat16
+    ref, model, patched = _official(args.size, args.image_size, dev, dtype)
     images = _images(args.image_hw, args.images)
     out = {"torchvision_nms_port": patched}
     for name, kw in settings.items():
