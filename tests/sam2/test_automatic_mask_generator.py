@@ -309,3 +309,41 @@ def test_nms_matches_torchvision_kernel():
                                 torch.zeros(n), thr).numpy()  # fmt: skip
         np.testing.assert_array_equal(got, want)
     assert amg_utils.nms_host(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
+
+
+def test_postprocess_small_regions_matches_official():
+    """`min_mask_region_area`'s clean-up against the official static method on masks with
+    small holes / islands and duplicates (NMS afterwards prefers unchanged masks)."""
+    from pam_jax.sam2.automatic_mask_generator import MaskSet, postprocess_small_regions
+
+    tv_shim()  # before the official module imports torchvision
+    import sam2.automatic_mask_generator as official_amg
+    from sam2.utils.amg import MaskData, mask_to_rle_pytorch
+
+    official_amg.batched_nms = _torchvision_nms
+    rng = np.random.default_rng(3)
+    masks = np.zeros((8, 40, 60), bool)
+    for i, m in enumerate(masks):
+        y, x = rng.integers(0, 20), rng.integers(0, 35)
+        m[y : y + 15 + i, x : x + 20] = True
+        if i % 2:
+            m[y + 3 : y + 5, x + 3 : x + 5] = False  # hole of 4
+        if i % 3 == 0:
+            m[38:40, 0:2] = True  # island of 4
+    masks[5] = masks[4]  # a duplicate: NMS drops one
+    n = len(masks)
+    ms = MaskSet(masks=masks, boxes=np.array(amg_utils.masks_to_boxes(masks), np.float32),
+                 areas=masks.sum((1, 2)), predicted_iou=np.linspace(0.9, 0.5, n, dtype=np.float32),
+                 stability_score=np.ones(n, np.float32), points=np.zeros((n, 2), np.float32),
+                 crop_boxes=np.tile(np.float32([0, 0, 60, 40]), (n, 1)))  # fmt: skip
+    ours = postprocess_small_regions(ms, 6, 0.7)
+    data = MaskData(rles=mask_to_rle_pytorch(torch.from_numpy(masks)),
+                    boxes=torch.from_numpy(ms.boxes.copy()),
+                    iou_preds=torch.from_numpy(ms.predicted_iou.copy()))  # fmt: skip
+    want = official_amg.SAM2AutomaticMaskGenerator.postprocess_small_regions(data, 6, 0.7)
+    assert len(ours) == len(want["rles"]) < n
+    for i, rle in enumerate(want["rles"]):
+        np.testing.assert_array_equal(ours.masks[i], amg_utils.rle_to_mask(rle))
+        assert ours.areas[i] == amg_utils.area_from_rle(rle)
+    np.testing.assert_array_equal(ours.predicted_iou, want["iou_preds"].numpy())
+    np.testing.assert_array_equal(ours.boxes, want["boxes"].numpy())
