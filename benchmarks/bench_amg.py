@@ -87,7 +87,8 @@ def _official(size: str, image_size: int, dev: str, dtype):
     """The official model (random, perturbed) and a converted pam-jax copy."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    # appended: tests/sam2 must not shadow the official sam2 package
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
     from torch_ref import build_official_sam2, tv_shim
 
     tv_shim()
