@@ -224,7 +224,7 @@ def test_image_box_end_to_end(release, converted, media, sam2_ckpt, monkeypatch,
                "--max-new-tokens", str(NEW), "--json", "--out", str(out)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     row = json.loads(capsys.readouterr().out.strip())
-    cli_mask = np.asarray(Image.open(tmp_path / row["mask_file"])) > 0
+    cli_mask = np.asarray(Image.open(tmp_path / row["file"])) > 0
 
     # official SAM 2 video predictor on the 1-frame "video", as the release does
     pred = _official_predictor(sam2_ckpt, monkeypatch)
@@ -262,7 +262,9 @@ def test_video_end_to_end(release, converted, media, sam2_ckpt, monkeypatch, tmp
     assert rc == 0, capsys.readouterr().err
     row = json.loads(capsys.readouterr().out.strip())
     res = json.loads((tmp_path / "vid.json").read_text())
-    cli_masks = np.stack([np.asarray(Image.open(tmp_path / f)) > 0 for f in res["mask_files"]])
+    cli_masks = np.stack(
+        [np.asarray(Image.open(tmp_path / fr["file"])) > 0 for fr in res["frames"]]
+    )
     assert cli_masks.shape == (FRAMES, *HW) and (tmp_path / "vid.gif").is_file()
 
     pred = _official_predictor(sam2_ckpt, monkeypatch)
