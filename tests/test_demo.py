@@ -115,7 +115,7 @@ def test_quick_demo_learns(tmp_path):
     0.08). A gain of at least 0.1 on each separates "learns" from "does not"; the exact-match
     margin is thin (the model does not yet ground its answers in the image, see the README), so
     this test is the one to watch when the demo recipe changes. Marked heavy: 20 minutes on
-    the loaded 2-core machine, several minutes on 2 cores (compiles dominate)."""
+    the loaded 2-core CI machine (load average 15-19; compiles dominate)."""
     from pam_jax import demo
 
     s = demo.DemoSettings.make(quick=True, steps=None, seed=0)
