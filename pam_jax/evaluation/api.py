@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,31 +47,41 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
+def _is_model_dir(p: Path) -> bool:
+    """A pam-jax model directory (config.json with `"format": "pam-jax"`), not a run folder."""
+    try:
+        return json.loads((p / "config.json").read_text()).get("format") == "pam-jax"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resolve_model_dir(path: str | Path, step: int | None = None) -> Path:
-    """A PAM model directory, or a training workdir: its `export/` model directory, or with
-    `step` its `export/step_<N>` / `export/<N>` one (the latest numbered one when `export/`
-    itself holds no model)."""
+    """A PAM model directory, or a `pam-jax train` workdir: with `step`, that saved step (its
+    `export-<step>/` model directory, exported from the checkpoint on first use); without, the
+    run's final `export/`, else its latest saved step."""
     p = Path(path)
-    if step is None and (p / "config.json").is_file():
+    if _is_model_dir(p):
+        if step is not None:
+            raise EvalError(
+                f"--model {p} is a model directory; --step applies to a training workdir"
+            )
         return p
-    exp = p / "export"
-    if not exp.is_dir():
+    if not ((p / "checkpoints").is_dir() or (p / "export").is_dir()):
         raise EvalError(f"--model {p}: neither a model directory nor a training workdir")
-    numbered = {}
-    for d in exp.iterdir():
-        m = re.fullmatch(r"(?:step_)?(\d+)", d.name)
-        if m and (d / "config.json").is_file():
-            numbered[int(m.group(1))] = d
-    if step is not None:
-        if step not in numbered:
-            have = ", ".join(map(str, sorted(numbered))) or "none"
-            raise EvalError(f"{p}: no exported model for step {step} (exported steps: {have})")
-        return numbered[step]
-    if (exp / "config.json").is_file():
-        return exp
-    if numbered:
-        return numbered[max(numbered)]
-    raise EvalError(f"{p}/export holds no model directory (was the run exported?)")
+    if step is None and _is_model_dir(p / "export"):
+        return p / "export"
+    if step is not None and _is_model_dir(p / f"export-{step}"):
+        return p / f"export-{step}"
+    if not (p / "checkpoints").is_dir():
+        raise EvalError(f"{p}: no exported model for step {step} and no checkpoints to export")
+    from pam_jax.training.config import ConfigError, load_config
+    from pam_jax.training.trainer import export_step
+
+    try:
+        cfg = load_config(p / "config.json").replace(workdir=str(p))
+        return export_step(cfg, step)  # writes workdir/export-<step>/ once; later calls reuse it
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
 
 
 def _settings(cfg: EvalConfig, model_id: str, tasks: list[str]) -> dict[str, Any]:
