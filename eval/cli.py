@@ -11,7 +11,8 @@ explain, caption, detailed-caption, video-caption, stream-caption, segment (defa
 format's). RESULTS_DIR gets predictions.jsonl (appended as items finish: rerunning the same
 command resumes; a folder made with other settings is refused), metrics.json (flat), report.md,
 report.json and examples.png. --model is a model directory or a training workdir (its export,
-else its latest saved step; --step N picks a saved step, exported on first use). Decoding: greedy with the checkpoint's repetition penalty.
+else its latest saved step; --step N picks a saved step, exported on first use). Decoding:
+greedy with the checkpoint's repetition penalty.
 """
 
 from __future__ import annotations
