@@ -6,7 +6,7 @@
                  [--seed S] [--step N] [--benchmark NAME] [--force]
     pam-jax eval --predictions PRED.jsonl --data FILE --format FMT --task TASK --out RESULTS_DIR
 
-Formats (eval/FORMATS.md): pam, osprey, refcocog, vg, video, stream, coco. Tasks: recognize,
+Formats (README, "Evaluation"): pam, osprey, refcocog, vg, video, stream, coco. Tasks: recognize,
 explain, caption, detailed-caption, video-caption, stream-caption, segment (default: the
 format's). RESULTS_DIR gets predictions.jsonl (appended as items finish: rerunning the same
 command resumes; a folder made with other settings is refused), metrics.json (flat), report.md,

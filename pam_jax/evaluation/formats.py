@@ -4,7 +4,7 @@ Every format becomes a list of `Item`s: one region of one image (or one object o
 one streamed video with its events) with its references. Ids are strings: the record's `id`
 (for `stream` also `video_id`), else its 0-based line (JSONL) or list index (JSON), with `#k`
 appended for the k-th region / event of a record that has several. The accepted schemas are
-documented in eval/FORMATS.md.
+documented in the README's "Evaluation" section.
 
 Malformed records never stop a run silently: each one becomes a `Problem` (line or index and
 the reason) and is skipped, or raises `FormatError` at the first one under `strict=True`.
