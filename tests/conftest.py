@@ -9,6 +9,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+from torch_ref import tv_shim  # noqa: E402
+
+# Every test process sees an importable torchvision (the official sam2 generator and
+# transformers import it), whichever test first touches it.
+tv_shim()
 
 jax.config.update("jax_enable_x64", False)
 # Parity tests compare float32 against torch float32; on accelerators the default matmul precision
