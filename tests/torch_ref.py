@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 
@@ -31,6 +33,14 @@ def tv_shim() -> None:
     global _TV_LIB
     if "_TV_LIB" in globals():
         return
+    try:  # a working torchvision (the GPU machine's) registers these ops itself
+        import torchvision  # noqa: F401
+
+        _TV_LIB = None
+        return
+    except Exception:  # noqa: BLE001  (the CUDA wheel beside the CPU torch: ops missing)
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
     try:
         _TV_LIB = torch.library.Library("torchvision", "DEF")
         _TV_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
