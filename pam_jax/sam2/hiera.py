@@ -141,8 +141,9 @@ class MultiScaleBlock(nnx.Module):
         if ws > 0:
             x, pad_hw = window_partition(x, ws)
         x = self.attn(x)
-        if self.q_stride:
+        if self.q_stride and self.window_size > 0:
             # q-pooling shrank every window: un-partition with the pooled window size
+            # (a global block, window 0, has nothing to un-partition)
             ws = self.window_size // self.q_stride[0]
             h, w = shortcut.shape[1:3]
             pad_hw = (h + (-h) % ws, w + (-w) % ws)
