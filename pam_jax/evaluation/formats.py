@@ -75,8 +75,8 @@ class Item:
     points / labels, or mask = a COCO RLE / polygon spec decoded at the image size).
     kind "video": `media` = frame paths, the region applies to frame 0.
     kind "stream": `events` hold the clips; predictions are one per event (ids `id#k`).
-    refs: reference texts (empty for segmentation); gt_mask: COCO segmentation spec (image)
-    or a list of per-frame specs (video), or None."""
+    refs: reference texts (empty for segmentation); gt_mask: COCO segmentation spec or a PNG
+    path (image), or a list of per-frame specs (video), or None."""
 
     id: str
     kind: str
@@ -114,26 +114,15 @@ def xywh_to_box(bbox: Any) -> list[float]:
 
 
 def decode_mask(spec: Any, hw: tuple[int, int]) -> np.ndarray:
-    """A COCO segmentation (polygons [[x, y, ...], ...], an uncompressed RLE {size, counts:
-    [...]}, or a compressed RLE {size, counts: str}) -> bool [H, W]."""
-    from pycocotools import mask as mask_utils
+    """A ground-truth or prompt mask as the data pipeline reads it (`pam_jax.data`): COCO
+    polygons [[x, y, ...], ...], an uncompressed or compressed RLE {size, counts}, or a PNG
+    path (nonzero = object) -> bool [H, W]. A mask of another size is a ValueError."""
+    from pam_jax.data.prepare import _mask_rle
+    from pam_jax.data.preprocess import decode_mask as data_decode_mask
 
-    h, w = hw
-    if isinstance(spec, list):
-        if not spec or not all(isinstance(p, list) and len(p) >= 6 for p in spec):
-            raise ValueError("polygons must be lists of at least 3 x, y pairs")
-        rle = mask_utils.merge(mask_utils.frPyObjects(spec, h, w))
-    elif isinstance(spec, dict) and "counts" in spec and "size" in spec:
-        if list(spec["size"]) != [h, w]:
-            raise ValueError(f"RLE size {spec['size']} is not the image's [{h}, {w}]")
-        rle = spec
-        if isinstance(spec["counts"], list):
-            rle = mask_utils.frPyObjects(spec, h, w)
-        elif isinstance(spec["counts"], str):
-            rle = {"size": spec["size"], "counts": spec["counts"].encode()}
-    else:
-        raise ValueError("a mask is COCO polygons or an RLE {size, counts}")
-    return mask_utils.decode(rle).astype(bool)
+    if isinstance(spec, str):  # a PNG: read and size-checked by the pipeline's reader
+        spec = _mask_rle(spec, hw, None)
+    return data_decode_mask(spec, hw).astype(bool)
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -264,7 +253,12 @@ def _pam(where, rec, root, task):
     rid = _default_id(where, rec, "id")
     media = tuple(_path(root, None, f) for f in r.frames)
     if r.kind == "image":
-        return [Item(rid, "image", task, media, region, (ref,), where=where)]
+        gt = ann.mask  # `segmentation` (RLE / polygons) or `mask` (a PNG under the image root)
+        if isinstance(gt, str):
+            gt = _path(root, None, gt)
+        if task == "segment" and gt is None:
+            raise ValueError("--task segment needs the record's segmentation or mask")
+        return [Item(rid, "image", task, media, region, (ref,), gt, where=where)]
     vtask = task if task in ("video-caption", "stream-caption") else "video-caption"
     return [Item(rid, "video", vtask, media, region, (ref,), history=history, where=where)]
 

@@ -66,7 +66,9 @@ def score(
     if task == "segment":
         inter, union = [], []
         for it, line in ok:
-            gt = decode_mask(it.gt_mask, it.hw)
+            # PAM records carry no image size: the prediction is at the image's resolution
+            hw = it.hw or tuple(int(v) for v in line["mask_rle"]["size"])
+            gt = decode_mask(it.gt_mask, hw)
             i, u = metrics.mask_iou(_pred_mask(line, gt.shape), gt)
             inter.append(i)
             union.append(u)
