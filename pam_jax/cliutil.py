@@ -1,91 +1,68 @@
-"""What every `pam-jax` command shares: one error voice, exit codes, output checks, image and
-mask reading, mask files, progress bars, dtype defaults, run folders and atomic directories.
+"""What every `pam-jax` command shares, in one import: the error voice (`pam_jax.errors`),
+argparse types, dtype defaults, progress bars, the sampling flags, and (re-exported) image / mask
+I/O (`pam_jax.fileio`) and output / run folders (`pam_jax.folders`).
 
 Commands (segment, predict, convert, data, train, eval, demo, ...) raise `CLIError` (or any of
-`USER_ERRORS`) for bad input; `pam_jax.cli.main` prints it as one line `error: ...` on stderr
-and returns `EXIT_USAGE`. Outputs are checked with `output_prefix` / `output_dir` / `check_new_dir`
-BEFORE the compute starts.
-
-Run folders (`RunFolder.open`) and model / dataset folders (`atomic_dir`) follow the same rules
-for every command:
-
-- a command that writes a run folder records its settings in `run.json` there; running it again
-  with the same settings resumes that run, a folder made with other settings (or by something
-  else) is refused unless `force=True`;
-- a model or dataset folder is written into a temporary sibling folder and renamed into place
-  when complete, so an interrupted write never leaves half a model; a non-empty target is
-  refused unless `force=True`. Files get mode 0644, folders 0755.
+the user errors) for bad input; `pam_jax.cli.main` prints it as one line `error: ...` on stderr
+and returns `EXIT_USAGE`. Outputs are checked with `output_prefix` / `output_dir` /
+`check_new_dir` BEFORE the compute starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the command ran and failed for a reason other than its input
-EXIT_USAGE = 2  # bad input or usage (argparse uses 2 too)
-EXIT_INTERRUPTED = 130
+from pam_jax.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    error_message,
+    report_error,
+    run_command,
+)
+from pam_jax.fileio import (
+    mask_bbox,
+    mask_box,
+    mask_rle,
+    read_image,
+    read_mask,
+    write_json,
+    write_mask_png,
+)
+from pam_jax.folders import (
+    DIR_MODE,
+    FILE_MODE,
+    RUN_FILE,
+    RUN_FORMAT,
+    OutputPrefix,
+    RunFolder,
+    atomic_dir,
+    check_new_dir,
+    output_dir,
+    output_prefix,
+    set_modes,
+)
 
-RUN_FILE = "run.json"
-RUN_FORMAT = "pam-jax-run"
-FILE_MODE = 0o644
-DIR_MODE = 0o755
+__all__ = [
+    "COORD_FLAGS", "DIR_MODE", "DTYPE_CHOICES", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK",
+    "EXIT_USAGE", "FILE_MODE", "RUN_FILE", "RUN_FORMAT", "CLIError", "OutputPrefix", "RunFolder",
+    "add_dtype_argument", "add_sampling_arguments", "atomic_dir", "check_new_dir",
+    "default_dtype", "error_message", "fix_negative_values", "mask_bbox", "mask_box", "mask_rle",
+    "output_dir", "output_prefix", "parse_box", "parse_point", "positive_int", "progress",
+    "progress_enabled", "read_image", "read_mask", "repetition_penalty", "report_error",
+    "resolve_dtype", "run_command", "sampling_from_args", "set_modes", "status", "version",
+    "write_json", "write_mask_png",
+]  # fmt: skip
 
 T = TypeVar("T")
-
-
-class CLIError(ValueError):
-    """A user-facing error: printed as `error: <message>` (one line), exit code `code`."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pam_jax.checkpoint import CheckpointError
-
-    # PromptError, RecordError, ... subclass ValueError; OSError covers missing / unreadable files
-    return (CLIError, CheckpointError, ValueError, OSError)
-
-
-def error_message(e: BaseException) -> str:
-    """One line for the user: the first line of the message (OSError: its reason and file)."""
-    if isinstance(e, OSError) and not isinstance(e, CLIError) and e.strerror:
-        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    else:
-        text = str(e)
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def report_error(e: BaseException, stream=None) -> int:
-    """Print `error: ...` for `e` and return its exit code."""
-    print(f"error: {error_message(e)}", file=stream or sys.stderr)
-    return e.code if isinstance(e, CLIError) else EXIT_USAGE
-
-
-def run_command(fn, args: argparse.Namespace) -> int:
-    """fn(args) with the one error voice: user errors -> one line on stderr + EXIT_USAGE."""
-    try:
-        return int(fn(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except _user_errors() as e:
-        return report_error(e)
 
 
 # -- argparse types ------------------------------------------------------------------------------
@@ -209,301 +186,6 @@ def status(message: str) -> None:
     """A progress line on stderr ("loading model ..."; see `progress_enabled`)."""
     if progress_enabled():
         print(message, file=sys.stderr, flush=True)
-
-
-# -- reading images and masks --------------------------------------------------------------------
-
-
-def _check_input_file(path: Path, what: str) -> None:
-    if path.is_dir():
-        raise CLIError(f"{what} {path} is a folder, not a file")
-    if not path.exists():
-        raise CLIError(f"{what} {path}: no such file")
-
-
-def read_image(path: str | os.PathLike, what: str = "image") -> np.ndarray:
-    """A user's image as RGB uint8 [H, W, 3], EXIF orientation applied (as a viewer shows it)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    p = Path(path)
-    _check_input_file(p, what)
-    try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CLIError(f"{what} {p} is not a readable image ({error_message(e)})") from None
-
-
-def read_mask(path: str | os.PathLike, hw: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """A mask picture -> bool [H, W] (non-zero in any channel = object). It must have the size
-    `hw` (height, width) of the image or video it prompts."""
-    m = read_image(path, what).max(axis=-1) > 0
-    if m.shape != tuple(hw):
-        raise CLIError(
-            f"{what} {path} is {m.shape[1]}x{m.shape[0]} pixels; it must be the image's size, "
-            f"{hw[1]}x{hw[0]}"
-        )
-    return m
-
-
-# -- writing masks -------------------------------------------------------------------------------
-
-
-def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
-    """A boolean [H, W] mask as a black / white (0 / 255) 8-bit PNG."""
-    from PIL import Image
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(p)
-    return p
-
-
-def mask_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO run-length encoding {"size": [h, w], "counts": str} (pycocotools' compressed form)."""
-    from pycocotools import mask as mask_utils
-
-    m = np.asfortranarray((np.asarray(mask) > 0).astype(np.uint8))
-    rle = mask_utils.encode(m)
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def mask_box(mask: np.ndarray) -> list[int] | None:
-    """The mask's bounding box [x1, y1, x2, y2] (exclusive x2, y2), None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
-def mask_bbox(mask: np.ndarray) -> list[int] | None:
-    """The mask's bounding box as COCO's bbox [x, y, w, h], None for an empty mask."""
-    b = mask_box(mask)
-    return None if b is None else [b[0], b[1], b[2] - b[0], b[3] - b[1]]
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return p
-
-
-# -- output checks (before any compute) ----------------------------------------------------------
-
-
-def _check_writable_dir(d: Path, flag: str) -> None:
-    """CLIError unless folder `d` exists or can be created, and files can be written in it.
-    Creates the missing folders (a probe file is written and removed)."""
-    probe = d
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CLIError(f"{flag} {d}: {probe} is a file, not a folder")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d, prefix=".pam-jax-probe-"):
-            pass
-    except OSError as e:
-        raise CLIError(f"{flag} {d}: cannot write there ({e.strerror or e})") from None
-
-
-@dataclass(frozen=True)
-class OutputPrefix:
-    """Where a command's files go: `folder / (stem + suffix)`."""
-
-    folder: Path
-    stem: str
-
-    def path(self, suffix: str) -> Path:
-        return self.folder / f"{self.stem}{suffix}"
-
-    def rel(self, p: Path) -> str:
-        """`p` relative to the folder (how the JSON names the other outputs)."""
-        return str(Path(p).relative_to(self.folder))
-
-
-def output_prefix(
-    out: str | os.PathLike, *, default_stem: str, flag: str = "--out",
-    suffixes: Sequence[str] = (),
-) -> OutputPrefix:  # fmt: skip
-    """--out PREFIX: "out/cat" writes out/cat.png, out/cat.json, ...; a PREFIX ending in "/"
-    (or an existing folder) is a folder: "out/" writes out/<default_stem>.png, ... The folder
-    is created and checked writable now, before the compute; `suffixes` are checked not to be
-    folders."""
-    s = os.fspath(out)
-    if not s:
-        raise CLIError(f"{flag} is empty")
-    p = Path(s)
-    if s.endswith(("/", os.sep)) or p.is_dir():
-        prefix = OutputPrefix(p, default_stem)
-    else:
-        prefix = OutputPrefix(p.parent, p.name)
-    _check_writable_dir(prefix.folder, flag)
-    for suf in suffixes:
-        if prefix.path(suf).is_dir():
-            raise CLIError(f"{flag} {s}: {prefix.path(suf)} is a folder")
-    return prefix
-
-
-def output_dir(
-    out: str | os.PathLike, *, flag: str = "--out", force: bool = True, what: str = "output"
-) -> Path:
-    """A folder of outputs, created and checked writable now. With force=False a non-empty
-    folder is refused."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"{flag} {p} is a file; the {what} is written to a folder")
-    if not force and p.is_dir() and any(p.iterdir()):
-        raise CLIError(f"{flag} {p} is not empty; choose a new folder or add --force")
-    _check_writable_dir(p, flag)
-    return p
-
-
-def check_new_dir(path: str | os.PathLike, *, force: bool = False, what: str = "model") -> Path:
-    """Check (before compute) that a model / dataset folder can be written at `path` by
-    `atomic_dir`: not a file, empty or absent unless `force`, parent writable."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"{p} is a file; a {what} is written as a folder")
-    if p.is_dir() and any(p.iterdir()) and not force:
-        raise CLIError(
-            f"{p} is not empty (it holds {_describe(p)}); choose a new folder or add --force "
-            "to replace it"
-        )
-    parent = p.absolute().parent
-    _check_writable_dir(parent, what + " folder")
-    return p
-
-
-def _describe(p: Path) -> str:
-    meta = p / "config.json"
-    try:
-        kind = json.loads(meta.read_text()).get("kind")
-        if kind:
-            return f"a {kind} model"
-    except (OSError, ValueError, AttributeError):
-        pass
-    names = sorted(x.name for x in p.iterdir())
-    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-
-
-def set_modes(root: str | os.PathLike) -> None:
-    """Files 0644 and folders 0755 under (and including) `root`."""
-    root = Path(root)
-    os.chmod(root, DIR_MODE)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(Path(dirpath) / d, DIR_MODE)
-        for f in filenames:
-            os.chmod(Path(dirpath) / f, FILE_MODE)
-
-
-@contextlib.contextmanager
-def atomic_dir(
-    path: str | os.PathLike, *, force: bool = False, what: str = "model"
-) -> Iterator[Path]:
-    """Write a model / dataset folder atomically:
-
-        with atomic_dir("models/sam2.1-l", force=args.force) as tmp:
-            save_model_dir(tmp, ...)
-
-    The body writes into a temporary sibling folder; on success it is renamed to `path` (an
-    existing target, allowed only with `force`, is replaced); on any error the temporary folder
-    is removed and the target is left untouched.
-    """
-    target = check_new_dir(path, force=force, what=what).absolute()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        set_modes(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# -- run folders ---------------------------------------------------------------------------------
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """A run folder (train, eval, data jobs): `run.json` records the command and its settings.
-
-    `RunFolder.open(path, command="train", settings={...})`:
-    - absent or empty folder: a new run (`resumed` False), run.json written;
-    - run.json of the same command with the same settings: the same run, `resumed` True;
-    - other settings, another command, or files without run.json: CLIError naming the
-      difference, unless `force` (then the record is rewritten and `resumed` is False; the
-      other files are left to the command).
-    `may_change` names settings allowed to differ on resume (e.g. a step count to extend).
-    """
-
-    path: Path
-    command: str
-    settings: dict[str, Any]
-    resumed: bool
-
-    @property
-    def record(self) -> Path:
-        return self.path / RUN_FILE
-
-    @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike,
-        *,
-        command: str,
-        settings: Mapping[str, Any],
-        force: bool = False,
-        may_change: Sequence[str] = (),
-    ) -> RunFolder:
-        p = Path(path)
-        settings = _jsonable(dict(settings))
-        if p.exists() and not p.is_dir():
-            raise CLIError(f"run folder {p} is a file")
-        rec = p / RUN_FILE
-        resumed = False
-        if p.is_dir() and any(p.iterdir()):
-            problem = None
-            try:
-                old = json.loads(rec.read_text()) if rec.is_file() else None
-            except (OSError, ValueError):
-                old = None
-            if not isinstance(old, dict) or old.get("format") != RUN_FORMAT:
-                problem = f"{p} holds files but no {RUN_FILE}: it is not a pam-jax run folder"
-            elif old.get("command") != command:
-                problem = f"{p} is a `{old.get('command')}` run, not a `{command}` run"
-            else:
-                was = old.get("settings") or {}
-                diff = sorted(
-                    k for k in set(was) | set(settings)
-                    if k not in may_change and was.get(k) != settings.get(k)
-                )  # fmt: skip
-                if diff:
-                    shown = "; ".join(
-                        f"{k}: {was.get(k)!r} then, {settings.get(k)!r} now" for k in diff[:4]
-                    )
-                    more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
-                    problem = f"{p} was made with other settings ({shown}{more})"
-                else:
-                    resumed = True
-            if problem is not None and not force:
-                raise CLIError(problem + "; choose a new folder or add --force")
-        _check_writable_dir(p, "run folder")
-        write_json(rec, {"format": RUN_FORMAT, "command": command, "settings": settings})
-        return cls(p, command, settings, resumed)
 
 
 # -- sampling (generate, predict) ----------------------------------------------------------------
