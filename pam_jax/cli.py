@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pam_jax.eval.cli", "evaluate PAM on benchmarks (batched, resumable)"),
     "data": ("pam_jax.data.cli", "prepare and inspect training data (JSONL -> ArrayRecord)"),
     "train": ("pam_jax.train.cli", "train PAM on a device mesh (stages, resume, compile-only)"),
+    "serve": ("pam_jax.serve.cli", "a web page and JSON API over a PAM model (click, read)"),
 }
 
 
