@@ -11,9 +11,10 @@ and returns `EXIT_USAGE`. Outputs are checked with `output_prefix` / `output_dir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -58,8 +59,8 @@ __all__ = [
     "default_dtype", "error_message", "fix_negative_values", "mask_bbox", "mask_box", "mask_rle",
     "output_dir", "output_prefix", "parse_box", "parse_point", "positive_int", "progress",
     "progress_enabled", "read_image", "read_mask", "repetition_penalty", "report_error",
-    "resolve_dtype", "run_command", "sampling_from_args", "set_modes", "status", "version",
-    "write_json", "write_mask_png",
+    "resolve_dtype", "run_command", "sampling_from_args", "set_modes", "status", "step_progress",
+    "version", "write_json", "write_mask_png",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -182,6 +183,35 @@ def progress(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def step_progress(
+    total: int, *, desc: str, unit: str = "token"
+) -> Iterator[Callable[[int], None] | None]:
+    """A bar for work that reports a running count from elsewhere (the decode loop's
+    `on_step`): yields a callback that moves the bar to n, or None when progress is off (then
+    nothing is compiled into the loop)."""
+    if not progress_enabled():
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False
+    )  # fmt: skip
+
+    def update(n: int) -> None:
+        if n == 1 and bar.n > 1:  # the next generation (a stream's next clip) starts
+            bar.reset(total)
+        if n > bar.n:  # unordered callbacks: never move back within one generation
+            bar.update(n - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.refresh()  # the last count is drawn even when it came within tqdm's mininterval
+        bar.close()
+
+
 def status(message: str) -> None:
     """A progress line on stderr ("loading model ..."; see `progress_enabled`)."""
     if progress_enabled():
@@ -208,11 +238,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int) -
 
 
 def repetition_penalty(value: float | None, tokenizer: Any) -> float:
-    """The one default: the flag if given, else the model's generation_config.json, else 1."""
-    if value is not None:
-        return float(value)
-    cfg = getattr(tokenizer, "generation_config", None) or {}
-    return float(cfg.get("repetition_penalty", 1.0))
+    """`pam_jax.llm.sampler.repetition_penalty` (imported on use: `--help` loads no JAX)."""
+    from pam_jax.llm.sampler import repetition_penalty as default
+
+    return default(value, tokenizer)
 
 
 def sampling_from_args(args: argparse.Namespace, tokenizer: Any):

@@ -5,6 +5,7 @@ code is tests/test_cli.py's and the predictor tests')."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,36 @@ def test_generate_ids_outside_vocabulary(tmp_path, capsys):
     for ids in ("999999", "-5", "1,-5,2"):
         rc = main(["generate", "--model", str(tmp_path), "--input-ids", ids])
         _one_line_error(capsys, rc, "outside the vocabulary")
+
+
+# -- item 4: a progress bar on tokens (frames: tests/sam2/test_video_cli.py; conversion:
+# tests/test_cli.py's setup) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from pam_jax import configs
+    from pam_jax.llm.io import save_qwen2
+    from pam_jax.llm.qwen2 import Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("llm")
+    save_qwen2(Qwen2ForCausalLM(configs.load("qwen2-tiny"), rngs=nnx.Rngs(0)), d)
+    return d
+
+
+def test_generate_token_progress(tiny_llm, capsys, monkeypatch):
+    argv = ["generate", "--model", str(tiny_llm), "--input-ids", "1,2,3", "--input-ids", "4,5",
+            "--max-new-tokens", "6", "--print-ids"]  # fmt: skip
+    monkeypatch.setenv("PAM_JAX_PROGRESS", "1")
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    # the bar counts the decode loop's steps up to 6 (no stop id in this model: all 6 run)
+    assert re.search(r"decoding:\s+100%.*6/6 .*token", cap.err), cap.err
+    with_bar = cap.out
+    monkeypatch.setenv("PAM_JAX_PROGRESS", "0")
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert "decoding" not in cap.err and cap.out == with_bar  # off: the same tokens, no bar
 
 
 def test_exif_orientation(env, tmp_path, capsys):

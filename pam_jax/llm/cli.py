@@ -11,6 +11,7 @@ from pam_jax.cliutil import (
     resolve_dtype,
     sampling_from_args,
     status,
+    step_progress,
 )
 
 
@@ -114,16 +115,18 @@ def run(args) -> int:
     # one jitted while_loop decodes every token: the tokens / s come at the end
     status(f"generating up to {args.max_new_tokens} tokens for {len(seqs)} sequence(s)")
     t0 = time.perf_counter()
-    out = generate(
-        model,
-        input_ids=ids,
-        prompt_lengths=lengths,
-        max_new_tokens=args.max_new_tokens,
-        sampling=sampling,
-        stop_ids=stops,
-        pad_id=pad,
-        rng=args.seed,
-    )
+    with step_progress(args.max_new_tokens, desc="decoding") as on_step:
+        out = generate(
+            model,
+            input_ids=ids,
+            prompt_lengths=lengths,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            stop_ids=stops,
+            pad_id=pad,
+            rng=args.seed,
+            on_step=on_step,
+        )
     n_new = int(np.asarray(out.lengths).sum())
     dt = time.perf_counter() - t0
     status(f"{n_new} tokens in {dt:.1f} s ({n_new / max(dt, 1e-9):.1f} tokens/s, with compilation)")

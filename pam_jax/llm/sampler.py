@@ -19,6 +19,10 @@ then temperature, top-k, top-p (HF's rule: drop the tokens whose ascending cumul
 probability is <= 1 - top_p, keep at least one). Temperature 0 is greedy (argmax after the
 penalty). After a stop id a row emits `pad_id`; `lengths` counts tokens up to and including
 the stop token.
+
+Progress: `generate(on_step=f)` compiles a `jax.debug.callback` (unordered) into the decode loop
+that calls f(tokens generated so far) on the host after each step; without `on_step` nothing is
+compiled in (the loop and its speed are as before).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import bisect
 import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -109,6 +114,15 @@ class SamplingParams:
             top_p=jnp.float32(self.top_p),
             repetition_penalty=jnp.float32(self.repetition_penalty),
         )
+
+
+def repetition_penalty(value: float | None, tokenizer: Any) -> float:
+    """The one default: `value` if given, else the model's generation_config.json (1.05 for
+    the release; HF applies it in greedy decoding too), else 1 (off)."""
+    if value is not None:
+        return float(value)
+    cfg = getattr(tokenizer, "generation_config", None) or {}
+    return float(cfg.get("repetition_penalty", 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +226,20 @@ def _sample(logits, seen, rng, values: SamplingValues, mode: SamplingMode):
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+# ---- progress ----------------------------------------------------------------------------
+# Host callbacks by id: the id is a traced argument, so calls with different callbacks share one
+# compilation, and concurrent `generate` calls (threads) each reach their own callback.
+_STEP_HOOKS: dict[int, Callable[[int], None]] = {}
+_HOOK_IDS = itertools.count(1)
+
+
+def _on_step(hook_id: Any, step: Any) -> None:
+    """Host side of the decode loop's progress callback."""
+    hook = _STEP_HOOKS.get(int(hook_id))
+    if hook is not None:
+        hook(int(step))
+
+
 # ---- the jitted program -----------------------------------------------------------------
 @functools.partial(
     jax.jit,
@@ -222,6 +250,7 @@ def _sample(logits, seen, rng, values: SamplingValues, mode: SamplingMode):
         "mode",
         "from_ids",
         "decode_batch",
+        "report_steps",
     ),
 )
 def _generate(
@@ -234,12 +263,14 @@ def _generate(
     rng,
     values,
     pad_id,
+    hook_id,
     *,
     max_new_tokens: int,
     cache_length: int,
     mode: SamplingMode,
     from_ids: bool,
     decode_batch: int,
+    report_steps: bool = False,
 ):
     b0, t = prompt.shape[:2]
     TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
@@ -259,6 +290,8 @@ def _generate(
 
     rng, key = jax.random.split(rng)
     first = _sample(logits, seen, key, values, mode)
+    if report_steps:
+        jax.debug.callback(_on_step, hook_id, jnp.int32(1), ordered=False)
     b = max(b0, decode_batch)
     if b > b0:  # decode with copies of row 0 (prefill ran on the real rows only)
 
@@ -296,6 +329,8 @@ def _generate(
         lg = model.logits(h[:, 0])
         rng, key = jax.random.split(s.rng)
         nxt = jnp.where(s.done, pad_id, _sample(lg, s.seen, key, values, mode))
+        if report_steps:  # static: no callback in the loop unless asked
+            jax.debug.callback(_on_step, hook_id, s.step + 1, ordered=False)
         return s.replace(
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
@@ -325,6 +360,7 @@ def generate(
     buckets: Sequence[int] | None = None,
     max_cache_length: int | None = None,
     min_batch: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Generated:
     """Generate up to `max_new_tokens` per row.
 
@@ -337,6 +373,8 @@ def generate(
     `model` is a `Qwen2ForCausalLM` or a `prepare(model)` (saves the split per call).
     `min_batch` pads the decode loop's batch with copies of row 0 after the prefill (default 2
     on GPU, where XLA's M=1 matrix-vector products run at a third of the M=2 bandwidth).
+    `on_step(n)` is called on the host after each decode step with the tokens generated so far
+    (a progress bar; one host round trip per step, none when it is None).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -392,20 +430,32 @@ def generate(
         min_batch = 2 if jax.default_backend() == "gpu" else 1
     lengths_in = jnp.asarray(lengths, jnp.int32)
     pm = prepare(model)
-    tokens, lens = _generate(
-        pm.structure,
-        pm.leaves,
-        prompt,
-        lengths_in,
-        seen,
-        stops,
-        key,
-        values,
-        jnp.int32(pad_id),
-        max_new_tokens=max_new_tokens,
-        cache_length=cache_length,
-        mode=mode,
-        from_ids=from_ids,
-        decode_batch=max(b, min_batch),
-    )
-    return Generated(np.asarray(tokens), np.asarray(lens))
+    hook_id = 0
+    if on_step is not None:
+        hook_id = next(_HOOK_IDS)
+        _STEP_HOOKS[hook_id] = on_step
+    try:
+        tokens, lens = _generate(
+            pm.structure,
+            pm.leaves,
+            prompt,
+            lengths_in,
+            seen,
+            stops,
+            key,
+            values,
+            jnp.int32(pad_id),
+            jnp.int32(hook_id),
+            max_new_tokens=max_new_tokens,
+            cache_length=cache_length,
+            mode=mode,
+            from_ids=from_ids,
+            decode_batch=max(b, min_batch),
+            report_steps=on_step is not None,
+        )
+        out = Generated(np.asarray(tokens), np.asarray(lens))
+        if on_step is not None:
+            jax.effects_barrier()  # every step's callback has run before the hook goes
+        return out
+    finally:
+        _STEP_HOOKS.pop(hook_id, None)

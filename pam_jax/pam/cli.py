@@ -53,6 +53,7 @@ from pam_jax.cliutil import (
     resolve_dtype,
     sampling_from_args,
     status,
+    step_progress,
     write_json,
     write_mask_png,
 )
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         written = _run_video(args, pred, frames, regions[0], mask_names[0], task, clip_ends, prefix)
     else:
         status(f"describing {len(regions)} region(s)")
-        results = pred.describe_image(image, regions, task, args.lang)
+        with step_progress(args.max_new_tokens, desc="decoding") as on_step:
+            results = pred.describe_image(image, regions, task, args.lang, on_step=on_step)
         written = _write_image(args, prefix, image, regions, mask_names, results)
     if written:  # stdout holds the answers; the files written are reported on stderr
         print("wrote " + ", ".join(written), file=sys.stderr)
@@ -323,12 +325,17 @@ def _load_frames(path: str) -> list:
 def _run_video(args, pred, frames, region, mask_name, task, clip_ends, prefix) -> list[str]:
     from pam_jax.cliutil import progress
 
-    if clip_ends:
-        results = pred.describe_stream(frames, region, clip_ends, args.lang)
-        starts = [0, *clip_ends[:-1]]
-    else:
-        results = [pred.describe_video(frames, region, task, args.lang, history=args.history)]
-        starts = [0]
+    with step_progress(args.max_new_tokens, desc="decoding") as on_step:
+        if clip_ends:  # the bar restarts at each clip's caption
+            results = pred.describe_stream(frames, region, clip_ends, args.lang, on_step=on_step)
+            starts = [0, *clip_ends[:-1]]
+        else:
+            results = [
+                pred.describe_video(
+                    frames, region, task, args.lang, history=args.history, on_step=on_step
+                )
+            ]
+            starts = [0]
     prompt = {k: np.asarray(v).tolist() for k, v in region.items() if k != "mask"}
     if mask_name is not None:
         prompt["mask_input"] = mask_name

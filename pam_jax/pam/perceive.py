@@ -24,6 +24,8 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from pam_jax.cliutil import (
     resolve_dtype,
     sampling_from_args,
     status,
+    step_progress,
     write_json,
     write_mask_png,
 )
@@ -67,10 +70,11 @@ def perceive(
     lang: str = "en",
     max_regions: int | None = None,
     rng: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> Perception:
     """Masks of everything in `image` (uint8 [H, W, 3]); with a `PAMPredictor`, each region
     described in ONE batched generation (mask prompts through the release image path).
-    `max_regions` keeps the largest ones."""
+    `max_regions` keeps the largest ones; `on_step(n)`: the decode loop's progress."""
     ms = generator.generate_masks(image)
     order = np.argsort(-ms.areas, kind="stable")
     if max_regions is not None:
@@ -81,7 +85,12 @@ def perceive(
     from pam_jax.pam.prompts import CLI_TASKS
 
     results = predictor.describe_image(
-        image, [{"mask": m} for m in ms.masks], CLI_TASKS.get(task, task), lang, rng=rng
+        image,
+        [{"mask": m} for m in ms.masks],
+        CLI_TASKS.get(task, task),
+        lang,
+        rng=rng,
+        on_step=on_step,
     )
     return Perception(ms, [r.text for r in results], [r.token_ids for r in results])
 
@@ -181,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
         sam2, _ = load_sam2(args.model, dtype=dt)
     gen = SAM2AutomaticMaskGenerator(sam2, **kw)
     status("generating masks" + (" and describing every region" if predictor else ""))
-    res = perceive(image, gen, predictor, task=args.task, lang=args.lang,
-                   max_regions=args.max_regions)  # fmt: skip
+    bar = step_progress(args.max_new_tokens, desc="decoding") if predictor else nullcontext()
+    with bar as on_step:
+        res = perceive(image, gen, predictor, task=args.task, lang=args.lang,
+                       max_regions=args.max_regions, on_step=on_step)  # fmt: skip
     if len(res.masks) == 0:
         print("no mask passed the filters (lower --pred-iou-thresh / --stability-score-thresh "
               "or raise --points-per-side)", file=sys.stderr)  # fmt: skip

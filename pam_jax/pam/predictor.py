@@ -25,7 +25,7 @@ extension `sam2._C`, which PAM's fork ships) is not applied to the masks, as in 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -68,19 +68,12 @@ def _embed(structure, leaves, text_ids, visual, visual_index, is_visual, mask):
     return assembly.assemble(llm.embed(text_ids), visual.astype(llm.dtype), lay)
 
 
+OnStep = Callable[[int], None]  # host progress callback: tokens generated so far
+
 # LLM prompt buckets: PAM prompts are ~1085 embeddings for every region of a task, so a fine
 # grid (<= 63 padding columns) costs few compilations; the generic four-per-octave grid would
 # pad 1085 to 1280 and spend 18% more prefill FLOPs on padding.
 LLM_BUCKETS = tuple(range(64, (1 << 17) + 1, 64))
-
-
-def region_prompts(
-    regions: Sequence[Mapping[str, Any]], hw: tuple[int, int], image_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`pam_jax.sam2.prompts.pad_regions`' coords [N, P, 2], labels [N, P], valid [N, P] (kept
-    for callers that only check regions)."""
-    p = pad_regions(regions, hw, image_size)
-    return p.coords, p.labels, p.valid
 
 
 @dataclasses.dataclass
@@ -116,8 +109,8 @@ class PAMPredictor:
         self.tokenizer = tokenizer
         self.image_size = model.config.sam2.image_size
         if sampling is None:
-            gc = getattr(tokenizer, "generation_config", None) or {}
-            sampling = SamplingParams(repetition_penalty=float(gc.get("repetition_penalty", 1.0)))
+            pen = sampler.repetition_penalty(None, tokenizer)  # the checkpoint's default
+            sampling = SamplingParams(repetition_penalty=pen)
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
         self.set_model(model)
@@ -171,14 +164,15 @@ class PAMPredictor:
         lang: str = "en",
         *,
         rng: int = 0,
+        on_step: OnStep | None = None,
     ) -> list[RegionResult]:
         """image: RGB uint8 [H, W, 3] array or PIL image; regions: {"box"}, {"points",
         "labels"}, both, or {"mask": bool [H, W]} (original pixels). All regions are decoded
-        and generated in one batch; one result per region."""
+        and generated in one batch; one result per region. `on_step`: see `generate`."""
         if not regions:
             return []
         inp = self._image_inputs(image, regions, task, lang)
-        texts = self.generate(inp.llm, rng)  # queued behind SAM 2 on the device
+        texts = self.generate(inp.llm, rng, on_step=on_step)  # queued behind SAM 2
         masks, scores = np.asarray(inp.masks), np.asarray(inp.scores)
         return [
             RegionResult(text, masks[i], float(scores[i]), ids)
@@ -192,6 +186,7 @@ class PAMPredictor:
         lang: str = "en",
         *,
         rng: int = 0,
+        on_step: OnStep | None = None,
     ) -> list[list[RegionResult]]:
         """Several (image, regions) items: SAM 2 + perceiver per image (one batched call over
         its regions), then ONE batched generation over every region of every image."""
@@ -206,7 +201,7 @@ class PAMPredictor:
             real[0].llm.text_before,
             real[0].llm.text_after,
         )
-        texts = iter(self.generate(joined, rng))
+        texts = iter(self.generate(joined, rng, on_step=on_step))
         out = []
         for inp in inps:
             rows = []
@@ -229,13 +224,16 @@ class PAMPredictor:
         )  # fmt: skip
         return LLMInputs(embeds, np.asarray(lay.lengths), visual, before, after)
 
-    def generate(self, inp: LLMInputs, rng: int = 0) -> list[tuple[str, list[int]]]:
-        """Batched generation from `LLMInputs` -> N (text, token ids)."""
+    def generate(
+        self, inp: LLMInputs, rng: int = 0, *, on_step: OnStep | None = None
+    ) -> list[tuple[str, list[int]]]:
+        """Batched generation from `LLMInputs` -> N (text, token ids). `on_step(n)` is called
+        on the host after each decode step (`pam_jax.llm.sampler.generate`: a progress bar)."""
         stops, pad = self._stop_and_pad()
         gen = generate(
             self._llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
-            pad_id=pad, rng=rng, buckets=LLM_BUCKETS,
+            pad_id=pad, rng=rng, buckets=LLM_BUCKETS, on_step=on_step,
         )  # fmt: skip
         out = []
         for i in range(inp.embeds.shape[0]):
@@ -252,13 +250,14 @@ class PAMPredictor:
         *,
         history: str | None = None,
         rng: int = 0,
+        on_step: OnStep | None = None,
     ) -> VideoResult:
         """frames: RGB uint8 [H, W, 3] arrays / PIL images; region: the prompt on frame 0
         ({"box": ...} and / or {"points": ..., "labels": ...}, original pixels). SAM 2 tracks
         through every frame; 16 frames (`assembly.select_frames`) feed the LLM. `history` is
         the previous clip's caption (streaming); None gives the release's "None" / "无"."""
         inp = self.video_inputs(frames, region, task, lang, history=history)
-        text, ids = self.generate(inp.llm, rng)[0]
+        text, ids = self.generate(inp.llm, rng, on_step=on_step)[0]
         return VideoResult(text, inp.masks, inp.scores, inp.frames, ids)
 
     def video_inputs(
@@ -290,6 +289,7 @@ class PAMPredictor:
         lang: str = "en",
         *,
         rng: int = 0,
+        on_step: OnStep | None = None,
     ) -> list[VideoResult]:
         """Streaming captions (`video_stream_infer_example.ipynb`): clip k = frames
         [clip_ends[k-1], clip_ends[k]), each an independent SAM 2 + PAM call whose prompt
@@ -303,7 +303,13 @@ class PAMPredictor:
         history, prompt, start = None, dict(region), 0
         for end in ends:
             res = self.describe_video(
-                frames[start:end], prompt, "streaming_caption", lang, history=history, rng=rng
+                frames[start:end],
+                prompt,
+                "streaming_caption",
+                lang,
+                history=history,
+                rng=rng,
+                on_step=on_step,
             )
             out.append(res)
             history = res.text

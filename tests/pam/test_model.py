@@ -18,9 +18,10 @@ from pam_jax.llm.tokenizer import Tokenizer
 from pam_jax.pam import assembly, prompts
 from pam_jax.pam.config import PAMConfig
 from pam_jax.pam.model import PAM, load_pam, save_pam
-from pam_jax.pam.predictor import PAMPredictor, region_prompts
+from pam_jax.pam.predictor import PAMPredictor
 from pam_jax.sam2.config import sam2_config
 from pam_jax.sam2.model import SAM2Base
+from pam_jax.sam2.prompts import pad_regions
 from pam_jax.sam2.video_io import normalize, preprocess_frame
 from tests.pam.test_prompts import byte_tokenizer
 
@@ -87,7 +88,8 @@ def test_greedy_tokens_match_cache_free_loop(setup):
     pred = PAMPredictor(model, tok, max_new_tokens=MAX_NEW, sampling=SamplingParams())
     res = pred.describe_image(image, REGIONS[:1], "detailed_caption", "zh")[0]
     resized, h, w = preprocess_frame(image, 512)
-    coords, labels, valid = region_prompts(REGIONS[:1], (h, w), 512)
+    p = pad_regions(REGIONS[:1], (h, w), 512)
+    coords, labels, valid = p.coords, p.labels, p.valid
     regions_fn = nnx.jit(lambda m, *a: m.image_regions(*a))
     visual, _, _ = regions_fn(model, jnp.asarray(normalize(resized))[None], coords, labels, valid)
     assert visual.shape == (1, 256 + 18, 64)  # 32x32 map -> 256 dense tokens + 2 nl + 16 sem
@@ -118,18 +120,19 @@ def test_save_load_roundtrip(setup, tmp_path):
 
 
 def test_region_prompt_rules():
-    coords, labels, valid = region_prompts(REGIONS, (300, 420), 1024)
+    p = pad_regions(REGIONS, (300, 420), 1024)
+    coords, labels, valid = p.coords, p.labels, p.valid
     assert coords.shape == (3, 4, 2)  # 3 points max -> bucket 4
     np.testing.assert_array_equal(labels[0], [2, 3, -1, -1])  # box corners first
     np.testing.assert_array_equal(labels[2], [2, 3, 1, -1])
     np.testing.assert_allclose(coords[0, 0], [40 / 420 * 1024, 30 / 300 * 1024], rtol=1e-6)
     assert valid.sum(1).tolist() == [2, 3, 3]
     with pytest.raises(ValueError, match="empty"):
-        region_prompts([{}], (10, 10), 1024)
+        pad_regions([{}], (10, 10), 1024)
     with pytest.raises(ValueError, match="labels"):
-        region_prompts([{"points": [[1, 2]], "labels": [1, 0]}], (10, 10), 1024)
+        pad_regions([{"points": [[1, 2]], "labels": [1, 0]}], (10, 10), 1024)
     with pytest.raises(ValueError, match="unknown keys"):
-        region_prompts([{"polygon": 1}], (10, 10), 1024)
+        pad_regions([{"polygon": 1}], (10, 10), 1024)
 
 
 def test_video_task_rejected_for_images(setup):
