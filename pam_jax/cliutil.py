@@ -55,12 +55,12 @@ from pam_jax.folders import (
 __all__ = [
     "COORD_FLAGS", "DIR_MODE", "DTYPE_CHOICES", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK",
     "EXIT_USAGE", "FILE_MODE", "RUN_FILE", "RUN_FORMAT", "CLIError", "OutputPrefix", "RunFolder",
-    "add_dtype_argument", "add_sampling_arguments", "atomic_dir", "check_new_dir",
-    "default_dtype", "error_message", "fix_negative_values", "mask_bbox", "mask_box", "mask_rle",
-    "output_dir", "output_prefix", "parse_box", "parse_point", "positive_int", "progress",
-    "progress_enabled", "read_image", "read_mask", "repetition_penalty", "report_error",
-    "resolve_dtype", "run_command", "sampling_from_args", "set_modes", "status", "step_progress",
-    "version", "write_json", "write_mask_png",
+    "add_click_arguments", "add_dtype_argument", "add_sampling_arguments", "atomic_dir",
+    "check_new_dir", "clicks_region", "default_dtype", "error_message", "fix_negative_values",
+    "mask_bbox", "mask_box", "mask_rle", "output_dir", "output_prefix", "parse_box", "parse_point",
+    "positive_int", "progress", "progress_enabled", "read_image", "read_mask",
+    "repetition_penalty", "report_error", "resolve_dtype", "run_command", "sampling_from_args",
+    "set_modes", "status", "step_progress", "version", "write_json", "write_mask_png",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -113,6 +113,24 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     """ "X1,Y1,X2,Y2" (corners in pixels) -> a tuple."""
     x1, y1, x2, y2 = _floats(text, (4,), "X1,Y1,X2,Y2")
     return x1, y1, x2, y2
+
+
+def add_click_arguments(p: argparse.ArgumentParser, *, box_help: str) -> None:
+    """--point (repeatable clicks) and --box (repeatable; `box_help` says what several mean):
+    one definition for every command that takes them."""
+    p.add_argument(
+        "--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
+        help="a click; LABEL 1 = positive (default), 0 = negative. Repeatable.",
+    )  # fmt: skip
+    p.add_argument(
+        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
+        help=box_help,
+    )  # fmt: skip
+
+
+def clicks_region(points: Sequence[tuple[float, float, int]]) -> dict[str, list]:
+    """--point values -> a region's {"points": [[x, y], ...], "labels": [...]}."""
+    return {"points": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points]}
 
 
 def positive_int(text: str) -> int:

@@ -41,13 +41,13 @@ import numpy as np
 
 from pam_jax.cliutil import (
     CLIError,
+    add_click_arguments,
     add_dtype_argument,
     add_sampling_arguments,
+    clicks_region,
     mask_bbox,
     mask_rle,
     output_prefix,
-    parse_box,
-    parse_point,
     read_image,
     read_mask,
     resolve_dtype,
@@ -57,13 +57,13 @@ from pam_jax.cliutil import (
     write_json,
     write_mask_png,
 )
-from pam_jax.pam.prompts import CLI_TASKS
+from pam_jax.pam.prompts import CLI_IMAGE_TASKS as IMAGE_TASKS
+from pam_jax.pam.prompts import CLI_LANGS as LANGS
+from pam_jax.pam.prompts import CLI_TASKS, normalize_lang
 
 # The command's task names (the one table: pam_jax.pam.prompts.CLI_TASKS maps them to the
 # prompts); JSON outputs name the task as given here.
-IMAGE_TASKS = ("recognize", "explain", "caption", "detailed-caption")
 VIDEO_TASKS = ("caption",)
-LANGS = ("en", "zh", "ch")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -84,10 +84,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--clip-ends", default=None, metavar="E1,E2,...",
                    help="video: caption clips ending at these frame indices (extra)")  # fmt: skip
     p.add_argument("--history", default=None, help="video: the previous clip's caption (extra)")
-    p.add_argument("--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
-                   help="a region's box (repeatable: one region per box)")  # fmt: skip
-    p.add_argument("--point", type=parse_point, action="append", default=[],
-                   metavar="X,Y[,LABEL]", help="a click (repeatable)")  # fmt: skip
+    add_click_arguments(p, box_help="a region's box (repeatable: one region per box)")
     p.add_argument("--mask-input", metavar="PNG",
                    help="a mask prompt: a picture of the same size as the image (or the "
                    "video's frames), non-zero = object")  # fmt: skip
@@ -113,7 +110,7 @@ def regions_from_args(boxes: list, points: list) -> list[dict]:
     """Each box a region; the clicks one more region, or part of the single box's region."""
     regions = [{"box": list(b)} for b in boxes]
     if points:
-        clicks = {"points": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points]}
+        clicks = clicks_region(points)
         if len(regions) == 1:
             regions[0].update(clicks)
         else:
@@ -205,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--stream / --clip-frames / --clip-ends / --history need --video")
     task = _task(args)
     args.task_name = "caption" if args.video else (args.task or "detailed-caption")
-    args.lang = "zh" if args.lang == "ch" else args.lang
+    args.lang = normalize_lang(args.lang)
     task_prompt(task, args.lang, args.history if args.video else None)
     # everything about the input and the outputs is checked before the (slow) model load
     if args.video:

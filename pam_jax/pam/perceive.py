@@ -45,10 +45,10 @@ from pam_jax.cliutil import (
     write_json,
     write_mask_png,
 )
+from pam_jax.pam.prompts import CLI_IMAGE_TASKS as IMAGE_TASKS
+from pam_jax.pam.prompts import CLI_LANGS as LANGS
+from pam_jax.pam.prompts import normalize_lang
 from pam_jax.sam2.automatic_mask_generator import AMGConfig, MaskSet, SAM2AutomaticMaskGenerator
-
-IMAGE_TASKS = ("recognize", "explain", "caption", "detailed-caption")
-LANGS = ("en", "zh", "ch")
 
 
 @dataclasses.dataclass
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from pam_jax.checkpoint import read_model_config
     from pam_jax.pam.prompts import task_prompt
 
-    args.lang = "zh" if args.lang == "ch" else args.lang
+    args.lang = normalize_lang(args.lang)
     task_prompt(args.task, args.lang)
     kw = _amg_kwargs(args)
     AMGConfig(**{k: v for k, v in kw.items()}).validate()  # absurd parameters: before any load

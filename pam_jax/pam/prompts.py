@@ -57,7 +57,8 @@ VIDEO_TASKS = ("video_caption", "streaming_caption")
 LANGS = ("en", "zh")
 
 
-def _lang(lang: str) -> str:
+def normalize_lang(lang: str) -> str:
+    """ "en" or "zh" ("ch", the release's name, and "cn" mean "zh"); ValueError otherwise."""
     lang = {"ch": "zh", "cn": "zh"}.get(lang, lang)
     if lang not in LANGS:
         raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
@@ -71,6 +72,9 @@ CLI_TASKS = {
     "detailed-caption": "detailed_caption",
     "video-caption": "video_caption",
 }
+# the commands' --task choices for images (predict, perceive) and --lang choices
+CLI_IMAGE_TASKS = ("recognize", "explain", "caption", "detailed-caption")
+CLI_LANGS = ("en", "zh", "ch")
 
 
 def task_prompt(task: str, lang: str = "en", history: str | None = None) -> str:
@@ -90,7 +94,7 @@ def task_prompt(task: str, lang: str = "en", history: str | None = None) -> str:
             raise ValueError(
                 f"unknown task {task!r}; expected one of {[*TASKS, 'streaming_caption']}"
             )
-    lang = _lang(lang)
+    lang = normalize_lang(lang)
     if task == "streaming_caption":
         task = "video_caption"
     text = TASKS[task][lang]

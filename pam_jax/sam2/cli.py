@@ -25,7 +25,9 @@ import numpy as np
 
 from pam_jax.cliutil import (
     CLIError,
+    add_click_arguments,
     add_dtype_argument,
+    clicks_region,
     mask_bbox,
     mask_rle,
     output_prefix,
@@ -54,14 +56,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--model", required=True, metavar="DIR", help="model directory (pam-jax convert sam2)"
     )
     p.add_argument("--image", required=True, metavar="IMG", help="input image (any PIL format)")
-    p.add_argument(
-        "--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
-        help="a click; LABEL 1 = positive (default), 0 = negative. Repeatable.",
-    )  # fmt: skip
-    p.add_argument(
-        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
-        help="a box prompt (corners; one per run)",
-    )  # fmt: skip
+    add_click_arguments(p, box_help="a box prompt (corners; one per run)")
     p.add_argument(
         "--mask-input", metavar="MASK",
         help="mask prompt: a picture of the same size as --image (non-zero = object), or a .npy "
@@ -120,8 +115,7 @@ def _prompt(args: argparse.Namespace, hw: tuple[int, int]):
         raise CLIError("empty prompt: give at least one --point, --box or --mask-input")
     region = {}
     if args.point:
-        region["points"] = [[x, y] for x, y, _ in args.point]
-        region["labels"] = [lab for *_, lab in args.point]
+        region.update(clicks_region(args.point))
     if args.box:
         region["box"] = list(args.box[0])
     if not region:

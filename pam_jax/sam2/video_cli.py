@@ -37,12 +37,11 @@ import numpy as np
 
 from pam_jax.cliutil import (
     CLIError,
+    add_click_arguments,
     add_dtype_argument,
     mask_bbox,
     mask_rle,
     output_dir,
-    parse_box,
-    parse_point,
     progress,
     read_mask,
     resolve_dtype,
@@ -71,14 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--frame", type=int, default=0, metavar="F", help="prompted frame (default 0)")
     p.add_argument("--obj", type=int, default=1, metavar="ID", help="object id (default 1)")
-    p.add_argument(
-        "--point", type=parse_point, action="append", default=[], metavar="X,Y[,L]",
-        help="a click; L 1 = positive (default), 0 = negative. Repeatable.",
-    )  # fmt: skip
-    p.add_argument(
-        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
-        help="a box prompt (one; more objects: --prompts)",
-    )  # fmt: skip
+    add_click_arguments(p, box_help="a box prompt (one; more objects: --prompts)")
     p.add_argument(
         "--mask-input", metavar="PNG",
         help="mask prompt: a picture of the video frames' size, non-zero = object",
