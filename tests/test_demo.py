@@ -107,7 +107,7 @@ def test_records_parse_with_the_data_pipeline(tmp_path):
 def test_score_and_sheet_from_predictions(tmp_path):
     """The demo's metrics from a predictions file: perfect answers score 1, wrong ones 0."""
     pytest.importorskip("pam_jax.evaluation.scoring")
-    from pam_jax import demo
+    from pam_jax import demo_report
 
     info = demo_data.generate(tmp_path, "heldout", 3, seed=5, tasks=demo_data.EVAL_TASKS)
     recs = [json.loads(x) for x in info.jsonl.read_text().splitlines()]
@@ -120,13 +120,18 @@ def test_score_and_sheet_from_predictions(tmp_path):
             f.write(json.dumps({"id": r["id"], "pred": ref.upper(), "mask_rle": seg}) + "\n")
             empty = demo_data.rle_encode(np.zeros(seg["size"], bool))
             g.write(json.dumps({"id": r["id"], "pred": "a cat", "mask_rle": empty}) + "\n")
-    good, bad = demo.score(perfect, data, cider=False), demo.score(wrong, data, cider=False)
+    good, bad = (
+        demo_report.score(perfect, data, cider=False),
+        demo_report.score(wrong, data, cider=False),
+    )
     n_regions = len({r["id"].split(":")[0] for r in recs})
     assert good["n_regions"] == bad["n_regions"] == n_regions
     assert good["n_exact_match"] == 2 * n_regions  # recognize + brief caption per region
     assert good["mIoU"] == 1.0 and good["exact_match"] == 1.0
     assert bad["mIoU"] == 0.0 and bad["exact_match"] == 0.0
-    out = demo.prediction_sheet(data, {"untrained": wrong, "trained": perfect}, tmp_path / "p.png")
+    out = demo_report.prediction_sheet(
+        data, {"untrained": wrong, "trained": perfect}, tmp_path / "p.png"
+    )
     from PIL import Image
 
     assert Image.open(out).size[0] > 2 * 128
