@@ -220,8 +220,8 @@ def test_dtype_default_everywhere():
     import jax.numpy as jnp
 
     from pam_jax.cli import build_parser
-    from pam_jax.cliutil import resolve_dtype
 
+    parsed = []
     for argv in (
         ["segment", "--model", "m", "--image", "i", "--out", "o"],
         ["segment-video", "--model", "m", "--video", "v", "--out", "o"],
@@ -229,11 +229,15 @@ def test_dtype_default_everywhere():
         ["generate", "--model", "m", "--prompt", "p"],
     ):
         args = build_parser(argv).parse_args(argv)
-        assert args.dtype == "auto", argv
-        assert resolve_dtype(args.dtype, "cpu") == jnp.float32
-        assert resolve_dtype(args.dtype, "gpu") == jnp.bfloat16
+        assert args.dtype == "auto", argv  # the parser first: this check runs on any main
         if argv[0] == "predict":
             assert args.llm_dtype == "auto"
+        parsed.append(args)
+    from pam_jax.cliutil import resolve_dtype
+
+    for args in parsed:
+        assert resolve_dtype(args.dtype, "cpu") == jnp.float32
+        assert resolve_dtype(args.dtype, "gpu") == jnp.bfloat16
 
 
 # -- item 9: help, --version, presets -------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 from pam_jax.checkpoint import CheckpointError
 from pam_jax.llm.config import Qwen2Config, qwen2_5_1_5b, qwen2_5_3b
-from pam_jax.sam2.config import SAM2Config, sam2_config
+from pam_jax.sam2.config import SAM2Config, check_fields, sam2_config
 
 # llava/constants.py: the `<image>` placeholder id inside `input_ids` (never a real token).
 IMAGE_TOKEN_INDEX = -200
@@ -99,10 +99,7 @@ class PAMConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PAMConfig:
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown PAMConfig fields: {sorted(unknown)}")
+        check_fields(cls, d)
         kw: dict[str, Any] = {k: v for k, v in d.items() if k not in ("sam2", "llm", "perceiver")}
         if "sam2" in d:
             kw["sam2"] = SAM2Config.from_dict(d["sam2"])

@@ -99,10 +99,7 @@ class SAM2Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAM2Config:
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SAM2Config fields: {sorted(unknown)}")
+        check_fields(cls, d)
         h = d.pop("hiera", {})
         if isinstance(h, dict):
             h = HieraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})
@@ -110,6 +107,14 @@ class SAM2Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def check_fields(cls: type, d: Any) -> None:
+    """ValueError naming the keys of `d` that are not fields of dataclass `cls` (the config
+    classes' `from_dict`)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
 
 
 HIERA = {
