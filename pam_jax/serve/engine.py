@@ -125,13 +125,10 @@ class Store:
             return item
 
 
-def _bucket(n: int) -> int:
-    return next((b for b in BATCH_BUCKETS if b >= n), n)
-
-
 class Engine:
     """A loaded PAM and its compiled steps. `max_new_tokens` caps every generation; `chunk` is
-    the number of tokens per streamed decode call."""
+    the number of tokens per streamed decode call; a generation of n regions runs at the
+    smallest of `batch_buckets` holding n (one compilation per bucket)."""
 
     def __init__(
         self,
@@ -141,12 +138,14 @@ class Engine:
         max_new_tokens: int = 64,
         chunk: int = 8,
         capacity: int = 32,
+        batch_buckets: Sequence[int] = BATCH_BUCKETS,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.predictor = PAMPredictor(model, tokenizer, max_new_tokens=max_new_tokens)
         self.max_new_tokens = max_new_tokens
         self.chunk = chunk
+        self.batch_buckets = tuple(sorted(batch_buckets))
         self.size = model.config.sam2.image_size
         self._sam2 = prepare(model.sam2)
         self._vision = prepare((model.sam2, model.parts))
@@ -186,7 +185,9 @@ class Engine:
             lengths.append(int(inp.lengths[0]))
         width = max(e.shape[0] for e in embeds)
         rows = [jnp.pad(e, ((0, width - e.shape[0]), (0, 0))) for e in embeds]
-        pad_rows = _bucket(len(rows)) - len(rows)  # copies of row 0, results dropped
+        n = len(rows)
+        # padding rows are copies of row 0; their results are dropped
+        pad_rows = next((b for b in self.batch_buckets if b >= n), n) - n
         x = jnp.stack(rows + [rows[0]] * pad_rows)
         lens = np.asarray(lengths + [lengths[0]] * pad_rows)
         stops, pad = self.predictor._stop_and_pad()
@@ -238,7 +239,4 @@ def check_task(task: Any, lang: Any) -> tuple[str, str]:
     task = pam_prompts.CLI_TASKS.get(task, task)
     if task not in pam_prompts.IMAGE_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {pam_prompts.IMAGE_TASKS}")
-    lang = {"ch": "zh"}.get(lang, lang)
-    if lang not in pam_prompts.LANGS:
-        raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
-    return task, lang
+    return task, pam_prompts.normalize_lang(lang)
