@@ -24,6 +24,15 @@ preprocessing (augmentation seeded by the global position, so it does not depend
 process count) -> this process's share `[process_index::process_count]` -> threads ->
 batches. Over an epoch the processes read disjoint shares whose union is every record.
 `augment=False, shuffle=False` is fully deterministic.
+
+Packing (`pack=True`, off by default): instead of `batch_size` samples a batch, samples are
+placed in stream order by greedy first-fit (`pam_jax.data.batch.FirstFit`) into `batch_size`
+rows of the largest length bucket, at most `pack_max` a row; the first sample that fits no row
+closes the batch and opens the next one (`collate_packed` layout: segment ids, one visual block
+per sample). The iterator state is the upstream state before that carried sample, so a restored
+iterator continues with exactly the next batch. A batch then holds a varying number of samples,
+so processes of a finite stream would get different batch counts: packing needs an endless
+stream (or one process) there.
 """
 
 from __future__ import annotations
@@ -214,6 +223,8 @@ def make_dataset(
     num_threads: int = 4,
     prefetch: int | None = None,
     worker_count: int = 0,
+    pack: bool = False,
+    pack_max: int = 4,
 ):
     """A grain IterDataset of `Batch`es (see module doc). `batch_size` is per process.
 
@@ -223,7 +234,9 @@ def make_dataset(
     marked not valid), so multi-host evaluation loops stay in step.
     num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
     bucket). prefetch: samples prepared ahead (default max(2 x batch, 2 x threads)).
-    worker_count > 0 adds grain multiprocessing (`mp_prefetch`). The dataset carries
+    worker_count > 0 adds grain multiprocessing (`mp_prefetch`). pack: first-fit packing of
+    up to `pack_max` samples a row (module doc; seq_bucket must then be a list of lengths,
+    rows are filled up to the largest). The dataset carries
     `num_sources` and `source_names` (the mixture components `Batch.source_index` counts)."""
     import grain
 
@@ -231,6 +244,16 @@ def make_dataset(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if augment is not None:
         cfg = dataclasses.replace(cfg, augment=bool(augment))
+    if pack:
+        if isinstance(seq_bucket, int):
+            raise ValueError("pack=True needs seq_bucket as a list of row lengths (e.g. [4096])")
+        if pack_max < 1:
+            raise ValueError(f"pack_max must be >= 1, got {pack_max}")
+        if num_epochs is not None and process_count > 1:
+            raise ValueError(
+                "pack=True with several processes needs an endless stream (num_epochs=None): "
+                "packed batch counts differ per process"
+            )
     entries = parse_spec(spec, image_root)
     weighted = entries[0].weight is not None
     parts, kinds = [], set()
@@ -286,17 +309,24 @@ def make_dataset(
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    out = it.batch(
-        batch_size,
-        drop_remainder=drop_remainder,
-        batch_fn=functools.partial(
-            _collate,
-            batch_size=batch_size,
-            seq_bucket=seq_bucket,
-            num_frames=cfg.num_frames if "video" in kinds else 1,
-            num_points=num_points,
-        ),
+    collate_kw = dict(
+        seq_bucket=seq_bucket,
+        num_frames=cfg.num_frames if "video" in kinds else 1,
+        num_points=num_points,
     )
+    if pack:
+        from pam_jax.data.packing import PackIterDataset
+
+        out = PackIterDataset(
+            it, batch_size=batch_size, capacity=max(seq_bucket), pack_max=pack_max,
+            drop_remainder=drop_remainder, collate_kw=collate_kw,
+        )  # fmt: skip
+    else:
+        out = it.batch(
+            batch_size,
+            drop_remainder=drop_remainder,
+            batch_fn=functools.partial(_collate, batch_size=batch_size, **collate_kw),
+        )
     out.num_sources = len(entries)  # mixture components (Batch.source_index in [0, n))
     out.source_names = [e.path for e in entries]
     return out

@@ -113,6 +113,9 @@ class Layout:
     lengths: np.ndarray
 
 
+Segment = tuple[Sequence[int], Sequence[int], int]  # (ids before, ids after, num visual)
+
+
 def layout(
     ids_before: Sequence[Sequence[int]],
     ids_after: Sequence[Sequence[int]],
@@ -128,30 +131,52 @@ def layout(
     """
     if len(ids_before) != len(ids_after):
         raise ValueError("ids_before and ids_after differ in batch size")
+    rows = [[(a, c, num_visual)] for a, c in zip(ids_before, ids_after)]
+    return packed_layout(rows, block=num_visual, pad_to=pad_to, pad_side=pad_side)[0]
+
+
+def packed_layout(
+    rows: Sequence[Sequence[Segment]],
+    *,
+    block: int,
+    pad_to: int | None = None,
+    pad_side: str = "right",
+) -> tuple[Layout, np.ndarray]:
+    """Index arrays for rows of one or more packed [text before, visual, text after] segments.
+
+    Segment j of a row takes its visual embeddings from block j of the row's visual sequence
+    (visual [B, K * block, H]: `visual_index` = j * block + i), so `assemble` is the same
+    gather for one or K samples a row. RoPE positions restart at 0 in every segment. Returns
+    (Layout, segment_ids [B, L] int32: 1, 2, ... per segment, 0 on padding).
+    """
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
-    lens = [len(a) + num_visual + len(c) for a, c in zip(ids_before, ids_after)]
-    L = max(lens) if pad_to is None else pad_to
-    if max(lens) > L:
-        raise ValueError(f"a sequence of length {max(lens)} does not fit pad_to={L}")
-    b = len(lens)
+    lens = [[len(a) + nv + len(c) for a, c, nv in segs] for segs in rows]
+    if any(nv > block for segs in rows for _, _, nv in segs):
+        raise ValueError(f"a segment has more visual positions than the block of {block}")
+    totals = [sum(x) for x in lens]
+    L = max(totals) if pad_to is None else pad_to
+    if max(totals) > L:
+        raise ValueError(f"a sequence of length {max(totals)} does not fit pad_to={L}")
+    b = len(rows)
     text = np.zeros((b, L), np.int32)
     vidx = np.zeros((b, L), np.int32)
     isv = np.zeros((b, L), bool)
-    mask = np.zeros((b, L), bool)
     pos = np.zeros((b, L), np.int32)
-    for i, (a, c) in enumerate(zip(ids_before, ids_after)):  # host-side, once per batch
-        n = lens[i]
-        o = L - n if pad_side == "left" else 0
-        seq = np.concatenate(
-            [np.asarray(a, np.int32), np.zeros(num_visual, np.int32), np.asarray(c, np.int32)]
-        )
-        text[i, o : o + n] = seq
-        isv[i, o + len(a) : o + len(a) + num_visual] = True
-        vidx[i, o + len(a) : o + len(a) + num_visual] = np.arange(num_visual)
-        mask[i, o : o + n] = True
-        pos[i, o : o + n] = np.arange(n)
-    return Layout(text, vidx, isv, mask, pos, np.asarray(lens, np.int32))
+    seg = np.zeros((b, L), np.int32)
+    for i, segs in enumerate(rows):  # host-side, once per batch
+        o = L - totals[i] if pad_side == "left" else 0
+        for j, ((a, c, nv), n) in enumerate(zip(segs, lens[i])):
+            v0 = o + len(a)
+            text[i, o:v0] = np.asarray(a, np.int32)
+            text[i, v0 + nv : o + n] = np.asarray(c, np.int32)
+            isv[i, v0 : v0 + nv] = True
+            vidx[i, v0 : v0 + nv] = j * block + np.arange(nv)
+            pos[i, o : o + n] = np.arange(n)
+            seg[i, o : o + n] = j + 1
+            o += n
+    lay = Layout(text, vidx, isv, seg > 0, pos, np.asarray(totals, np.int32))
+    return lay, seg
 
 
 def assemble(text_embeds: jax.Array, visual: jax.Array, lay: Layout) -> jax.Array:

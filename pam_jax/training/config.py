@@ -50,6 +50,9 @@ class TrainConfig:
     batch_size: int = 8  # global, per optimizer step (over all micro-batches and devices)
     grad_accum: int = 1
     seq_len: int = 0  # padded sequence length (0: the smallest 64-multiple fitting one visual)
+    # pack samples into rows of seq_len (first-fit, at most pack_max a row; pam_jax.data.batch)
+    pack: bool = False
+    pack_max: int = 4
     model_max_length: int = 12288
     learning_rate: float = 1e-5
     lr_perceiver: float = 0.0  # 0: learning_rate
@@ -123,6 +126,10 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.remat not in REMAT:
             raise ConfigError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+        if self.pack and (not self.seq_len or self.data.startswith("synthetic")):
+            raise ConfigError("pack=true needs seq_len (the packed row length) and real data")
+        if self.pack_max < 1:
+            raise ConfigError(f"pack_max must be >= 1, got {self.pack_max}")
         if self.seq_len and self.seq_len % 8:
             raise ConfigError(f"seq_len must be a multiple of 8, got {self.seq_len}")
         parse_mesh(self.mesh)

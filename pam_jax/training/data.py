@@ -88,6 +88,7 @@ class PipelineSource:
                 seed=cfg.seed, shuffle=cfg.shuffle, augment=cfg.augment,
                 process_index=pi, process_count=pc, image_root=image_root,
                 seq_bucket=(seq_len,) if seq_len else 64,
+                pack=cfg.pack, pack_max=cfg.pack_max,
             )
         )  # fmt: skip
         self.num_sources = len(entries)

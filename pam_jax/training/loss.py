@@ -41,13 +41,13 @@ class LossOptions:
 
 def source_loss_sums(llm, hidden, labels, source_index, num_sources: int, chunk: int):
     """Per mixture source (nll [S], n [S]) for the logs, without gradients: one more chunked
-    loss pass per source over that source's rows (a vmap over rows would unshard the logits'
-    batch dimension)."""
+    loss pass per source over that source's tokens (source_index [B, 1] per row or [B, L] per
+    token in packed rows; a vmap over rows would unshard the logits' batch dimension)."""
     if num_sources == 1:
         return None
     h = jax.lax.stop_gradient(hidden)
     out = [
-        lm_loss_sums(llm, h, jnp.where((source_index == i)[:, None], labels, IGNORE), chunk=chunk)
+        lm_loss_sums(llm, h, jnp.where(source_index == i, labels, IGNORE), chunk=chunk)
         for i in range(num_sources)  # a handful of sources, static
     ]
     return (jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out]).astype(jnp.float32))
@@ -130,7 +130,25 @@ def supervised_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.sum((masked_labels(batch)[:, 1:] >= 0).astype(jnp.int32))
 
 
+# per-sample fields that packed batches (`pam_jax.data.batch.collate_packed`) give a slot axis
+SLOT_FIELDS = ("pixels", "coords", "point_labels", "point_valid", "is_video", "gt_masks",
+               "mask_valid", "has_mask")  # fmt: skip
+
+
+def is_packed(mb: Mapping[str, jax.Array]) -> bool:
+    """Rows hold up to K samples: pixels [B, K, F, S, S, 3] (static)."""
+    return mb["pixels"].ndim == 6
+
+
+def slot_rows(mb: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """A packed micro-batch's per-sample fields as B * K rows (unchanged when not packed)."""
+    if not is_packed(mb):
+        return dict(mb)
+    return {**mb, **{k: mb[k].reshape(-1, *mb[k].shape[2:]) for k in SLOT_FIELDS if k in mb}}
+
+
 def seg_rows(batch: Mapping[str, jax.Array]) -> jax.Array:
+    batch = slot_rows(batch)
     if batch["pixels"].shape[1] == 1:
         v = batch["has_mask"] & batch["mask_valid"][:, 0]
     else:
@@ -138,23 +156,45 @@ def seg_rows(batch: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.sum(v.astype(jnp.float32))
 
 
-def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions):
-    """Loss sums of one micro-batch: dict of nll [S] and n [S] per mixture source (S =
-    opts.num_sources), plus scalars nll, n, positions (non-padding LLM positions)."""
-    out = region_forward(model, mb)
+def forward_hidden(
+    model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions
+) -> tuple[jax.Array, RegionOutputs, dict[str, jax.Array]]:
+    """The training forward up to the LLM's final-normed hidden states [B, L, H]: SAM 2 + parts
+    per sample (B * K slots when packed), spliced into the rows, segment-causal LLM. Returns
+    (hidden, region outputs per sample, the micro-batch with its samples as rows)."""
+    packed = is_packed(mb)
+    slots = slot_rows(mb)
+    out = region_forward(model, slots)
     visual = out.visual
+    if packed:  # [B * K, V, H] -> [B, K * V, H]: slot k's block is k * V.. (visual_index)
+        b, k = mb["pixels"].shape[:2]
+        visual = visual.reshape(b, k * visual.shape[1], visual.shape[2])
     llm = model.llm
     emb = llm.embed(mb["text_ids"])
     lay = assembly.Layout(
         mb["text_ids"], mb["visual_index"], mb["is_visual"], mb["mask"], mb["positions"], None
     )
     x = assembly.assemble(emb, visual, lay)
+    seg = jnp.where(mb["example_valid"][:, None], mb["segment_ids"], 0)
+    hidden = llm.hidden_states_train(
+        x, mb["positions"], seg, attention=opts.attention, packed=packed
+    )
+    return hidden, out, slots
+
+
+def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions):
+    """Loss sums of one micro-batch: dict of nll [S] and n [S] per mixture source (S =
+    opts.num_sources), plus scalars nll, n, positions (non-padding LLM positions)."""
+    hidden, out, slots = forward_hidden(model, mb, opts)
+    llm = model.llm
     valid_row = mb["example_valid"]
     seg = jnp.where(valid_row[:, None], mb["segment_ids"], 0)
-    hidden = llm.hidden_states_train(x, mb["positions"], seg, attention=opts.attention)
+    packed = is_packed(mb)
     labels = masked_labels(mb)
     nll, n = lm_loss_sums(llm, hidden, labels, chunk=opts.chunk)
-    per = source_loss_sums(llm, hidden, labels, mb["source_index"], opts.num_sources, opts.chunk)
+    src = mb["source_index"]  # per row [B], per slot [B, K] packed -> per token
+    src = jnp.take_along_axis(src, jnp.maximum(seg - 1, 0), axis=1) if packed else src[:, None]
+    per = source_loss_sums(llm, hidden, labels, src, opts.num_sources, opts.chunk)
     if per is None:
         per = (nll[None], n.astype(jnp.float32)[None])
     return {
@@ -163,7 +203,7 @@ def micro_batch_sums(model: PAM, mb: Mapping[str, jax.Array], opts: LossOptions)
         "positions": jnp.sum((mb["mask"] & valid_row[:, None]).astype(jnp.int32)),
         "src_nll": per[0],
         "src_n": per[1],
-        **_seg(out, mb, opts),
+        **_seg(out, slots, opts),
     }
 
 
