@@ -18,6 +18,7 @@ from pam_jax.data.pipeline import make_dataset
 from pam_jax.data.prepare import check_record, prepare
 from pam_jax.data.preprocess import IGNORE, PreprocessConfig, make_example
 from pam_jax.data.records import parse_record
+from pam_jax.training.batch import step_arrays
 
 from .conftest import conv, image_record, write_image, write_jsonl
 
@@ -138,28 +139,40 @@ def micro(tmp_path_factory, tokenizer):
     return model, examples
 
 
-def _sums_fn(model, num_sources=2):
-    from pam_jax.training.loss import LossOptions, micro_batch_sums
-
-    graphdef, state = nnx.split(model)
-    opts = LossOptions(num_sources=num_sources, attention="chunked")
-    return jax.jit(lambda st, mb: micro_batch_sums(nnx.merge(graphdef, st), mb, opts)), state
-
-
-def test_packed_loss_sums_equal_unpacked(micro):
-    """float32 on CPU; rtol 1e-5: the same per-token values, summed over other row layouts and
-    attention blocks (float32 reassociation)."""
-    from pam_jax.training.batch import step_arrays
+@pytest.fixture(scope="module")
+def forward(micro):
+    """One jitted program: (loss sums, logits [B, L, V]) of a step batch."""
+    from pam_jax.training.loss import LossOptions, forward_hidden, micro_batch_sums
 
     model, ex = micro
-    L = max(e.length for e in ex) * 2 + 8
-    src, rec = [0, 1, 1], [0, 1, 2]
-    flat = collate(ex, seq_bucket=[L], num_points=4, source_index=src, record_index=rec)
-    packed = collate_packed(ex, [[0, 1], [2]], pack_max=2, seq_bucket=[L], num_points=4,
-                            source_index=src, record_index=rec)  # fmt: skip
-    fn, state = _sums_fn(model)
-    a = jax.device_get(fn(state, step_arrays(flat)))
-    b = jax.device_get(fn(state, step_arrays(packed)))
+    graphdef, state = nnx.split(model)
+    opts = LossOptions(num_sources=2, attention="chunked")
+
+    @jax.jit
+    def fn(st, mb):
+        m = nnx.merge(graphdef, st)
+        return micro_batch_sums(m, mb, opts), m.llm.logits(forward_hidden(m, mb, opts)[0])
+
+    return lambda batch: jax.device_get(fn(state, step_arrays(batch)))
+
+
+def _packed(ex, L):
+    return collate_packed(ex, [[0, 1], [2]], pack_max=2, seq_bucket=[L], num_points=4,
+                          source_index=[0, 1, 1], record_index=[0, 1, 2])  # fmt: skip
+
+
+def _row_len(ex):
+    return max(e.length for e in ex) * 2 + 8
+
+
+def test_packed_loss_sums_equal_unpacked(micro, forward):
+    """float32 on CPU; rtol 1e-5: the same per-token values, summed over other row layouts and
+    attention blocks (float32 reassociation)."""
+    _, ex = micro
+    L = _row_len(ex)
+    flat = collate(ex, seq_bucket=[L], num_points=4, source_index=[0, 1, 1], record_index=[0, 1, 2])
+    a, _ = forward(flat)
+    b, _ = forward(_packed(ex, L))
     assert int(a["n"]) == int(b["n"]) > 0
     np.testing.assert_allclose(b["nll"], a["nll"], rtol=1e-5)
     np.testing.assert_array_equal(b["src_n"], a["src_n"])  # per-source counts, per token
@@ -167,36 +180,24 @@ def test_packed_loss_sums_equal_unpacked(micro):
     assert b["src_n"][1] > 0 and b["src_n"][0] > 0
 
 
-def test_no_attention_across_segments(micro):
-    """Changing sample 2 (its pixels and its text) of a packed row leaves sample 1's logits
-    bit-for-bit... within 1e-6 (float32; the same program on the same inputs), and does move
-    sample 2's (so the perturbation is real)."""
+def test_no_attention_across_segments(micro, forward):
+    """Changing sample 2 (its pixels and its supervised text) of a packed row leaves sample 1's
+    logits unchanged (atol / rtol 1e-6: float32, the same program; only segment 2's inputs
+    differ) and does move sample 2's (so the perturbation is real)."""
     import dataclasses
 
-    from pam_jax.training.batch import step_arrays
-    from pam_jax.training.loss import LossOptions, forward_hidden
-
-    model, ex = micro
-    L = ex[0].length + ex[1].length + 8
+    _, ex = micro
+    L = _row_len(ex)
+    e = ex[1]
     other = dataclasses.replace(
-        ex[1],
-        pixels=255 - ex[1].pixels,
-        ids_after=np.where(ex[1].labels_after >= 0, (ex[1].ids_after + 7) % 250, ex[1].ids_after),
+        e,
+        pixels=255 - e.pixels,
+        ids_after=np.where(e.labels_after >= 0, (e.ids_after + 7) % 250, e.ids_after),
     )
-    graphdef, state = nnx.split(model)
-    opts = LossOptions(attention="chunked")
-
-    @jax.jit
-    def logits(st, mb):
-        m = nnx.merge(graphdef, st)
-        return m.llm.logits(forward_hidden(m, mb, opts)[0])
-
-    def run(pair):
-        b = collate_packed(pair, [[0, 1]], pack_max=2, seq_bucket=[L], num_points=4)
-        return np.asarray(logits(state, step_arrays(b))), b
-
-    x, b = run([ex[0], ex[1]])
-    y, _ = run([ex[0], other])
+    b = _packed(ex, L)
+    _, x = forward(b)
+    _, y = forward(_packed([ex[0], other, ex[2]], L))
     s1, s2 = b.segment_ids[0] == 1, b.segment_ids[0] == 2
     np.testing.assert_allclose(y[0, s1], x[0, s1], rtol=1e-6, atol=1e-6)
     assert np.abs(y[0, s2] - x[0, s2]).max() > 1e-3
+    np.testing.assert_allclose(y[1], x[1], rtol=1e-6, atol=1e-6)  # the other row too
