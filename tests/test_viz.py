@@ -59,3 +59,16 @@ def test_long_label_cut_and_legend():
     # each legend swatch holds its mask's colour
     for c in (viz.color(0), viz.color(1)):
         assert np.all(np.asarray(with_legend)[:40, :40] == np.asarray(c, np.uint8), axis=-1).any()
+
+
+def test_chinese_labels_in_overlays():
+    """Through `overlay_masks`' own signature (as a command draws its captions): two different
+    Chinese captions give different pictures (a font without CJK draws both as the same boxes)."""
+    base = np.full((120, 400, 3), 40, np.uint8)
+    m = np.zeros((1, 120, 400), bool)
+    m[0, 40:80, 150:250] = True
+
+    def pic(label: str) -> np.ndarray:
+        return np.asarray(viz.overlay_masks(base, m, labels=[label], outline=False))
+
+    assert (pic("猫猫猫") != pic("狗狗狗")).any(-1).sum() > 30
