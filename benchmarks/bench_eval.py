@@ -13,8 +13,14 @@ batch compiles every program first (the timed pass reuses them).
 
 The release's way (no batch eval code exists; its notebooks call `model.generate` once per
 region): `bench_pam.py`'s PyTorch peer (official SAM 2 `set_image` + `predict(box)` + HF
-`generate(inputs_embeds=...)`, bf16) with one region per call, timed on `--peer-regions` (50)
-calls and scaled to the full set. Goal: >= 20x.
+`generate(inputs_embeds=...)`, bf16) with one region per call, timed on `--peer-regions` (16)
+calls and scaled to the full set, right after the pam-jax figure of the same eval (JAX keeps
+half the GPU, torch takes the rest). Goal: >= 20x.
+
+Every figure is printed (flushed, with the seconds since start) as soon as it is measured, so a
+run stopped by a time limit still reports what it finished. Needs the runtime dependencies
+only (no pycocoevalcap, sentence-transformers: nothing is scored); the peer needs torch,
+transformers and the official sam2 package (checked first; `--no-peer` skips it).
 """
 
 from __future__ import annotations
@@ -55,6 +61,28 @@ def _items(d: Path, n_images: int, n_regions: int, task: str, size=(768, 1024)):
     return items
 
 
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
+
+
+def check_deps(peer: bool) -> None:
+    """Stop at once, in one line, when a module a later step imports is missing."""
+    import importlib.util
+
+    need = ["jax", "flax", "PIL", "pycocotools", "tqdm"]  # pycocotools: the RLE masks written
+    if peer:
+        need += ["torch", "transformers", "sam2"]
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = " (or --no-peer)" if set(missing) & {"torch", "transformers", "sam2"} else ""
+        raise SystemExit(
+            f"bench_eval: missing module(s) {', '.join(missing)}: pip install them{hint}"
+        )
+
+
 def bench_runner(model, tok, items, args, new: int, work: Path) -> dict:
     tag = f"{items[0].task}_{new}"
     from pam_jax.evaluation.runner import Runner, run_predictions
@@ -83,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--regions", type=int, default=None, help="regions (default 1000; tiny 16)")
     ap.add_argument("--images", type=int, default=None, help="images (default 250; tiny 4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32; tiny 8")
-    ap.add_argument("--peer-regions", type=int, default=None, help="default 50; tiny 2")
+    ap.add_argument("--peer-regions", type=int, default=None, help="default 16; tiny 2")
     ap.add_argument("--new", default="8,128",
                     help="new tokens: recognition,detailed-caption (default 8,128)")  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -96,7 +124,7 @@ def main(argv=None) -> int:
     args.regions = args.regions or (16 if args.tiny else 1000)
     args.images = args.images or (4 if args.tiny else 250)
     args.batch_size = args.batch_size or (8 if args.tiny else 32)
-    args.peer_regions = args.peer_regions or (2 if args.tiny else 50)
+    args.peer_regions = args.peer_regions or (2 if args.tiny else 16)
     news = [int(v) for v in args.new.split(",")]
     if len(news) != 2 or min(news) < 1:
         ap.error("--new is two token counts: recognition,detailed-caption")
@@ -104,6 +132,7 @@ def main(argv=None) -> int:
         news = [min(n, 8) for n in news]
     evals = list(zip(("recognize", "detailed-caption"), news))
     os.environ.setdefault("PAM_JAX_PROGRESS", "0")
+    check_deps(not args.no_peer)
 
     import gc
 
@@ -121,16 +150,23 @@ def main(argv=None) -> int:
 
     cfg, sam2_name = _configs(args.tiny)
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    print(f"device: {jax.devices()[0].device_kind}; SAM 2 {sam2_name} at {cfg.sam2.image_size}, "
-          f"LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers}; {args.regions} "
-          f"regions over {args.images} images, batch {args.batch_size}")  # fmt: skip
+    say(f"device: {jax.devices()[0].device_kind}; SAM 2 {sam2_name} at {cfg.sam2.image_size}, "
+        f"LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers}; {args.regions} "
+        f"regions over {args.images} images, batch {args.batch_size}")  # fmt: skip
     sam2 = random_normal_params(lambda: SAM2Base(cfg.sam2, rngs=nnx.Rngs(0), dtype=dt))
     parts = random_normal_params(lambda: PAMParts(cfg, rngs=nnx.Rngs(0), dtype=dt), seed=1)
     make_llm = lambda: Qwen2ForCausalLM(cfg.llm, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt)  # noqa: E731
     llm = random_normal_params(make_llm, seed=2) if args.tiny else make_llm()
     model = PAM(cfg, sam2=sam2, parts=parts, llm=llm)
     tok = StandInTokenizer(cfg.llm.vocab_size, 14, args.text_after)
+    say("models built")
     res: dict = {"config": vars(args) | {"sam2": sam2_name, "new": news}}
+
+    def dump():  # after every figure: a stopped run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "img").mkdir()
@@ -138,17 +174,16 @@ def main(argv=None) -> int:
             items = _items(work / "img", args.images, args.regions, task)
             r = bench_runner(model, tok, items, args, new, work)
             res[f"jax_{task}"] = r
-            print(f"pam-jax eval, {task} ({new} new tokens): {r['items_per_s']:.1f} items/s "
-                  f"({r['seconds']:.1f} s for {args.regions})")  # fmt: skip
+            say(f"pam-jax eval, {task} ({new} new tokens): {r['items_per_s']:.1f} items/s "
+                f"({r['seconds']:.1f} s for {args.regions})")  # fmt: skip
             if "seq_len" not in res:  # the LLM input length, for the peer
                 img = read_image(items[0].media[0])
                 inp = PAMPredictor(model, tok).image_inputs(img, [items[0].region], "recognize")
                 res["seq_len"] = int(inp.llm.lengths[0])
-    model = llm = sam2 = parts = None
-    gc.collect()
-    jax.clear_caches()
-    if not args.no_peer:
-        for task, new in evals:
+            dump()
+            if args.no_peer:
+                continue
+            gc.collect()
             peer_args = argparse.Namespace(
                 regions=1, reps=max(1, args.peer_regions // 2), new=new, cpu=args.cpu,
                 dtype=args.dtype,
@@ -159,14 +194,22 @@ def main(argv=None) -> int:
             res[f"torch_{task}"] = {"s_per_region": per, "items_per_s": ips,
                                    "scaled_s": per * args.regions}  # fmt: skip
             ratio = res[f"jax_{task}"]["items_per_s"] / ips
-            print(f"release's way, {task} ({new} new tokens, one region per call, "
-                  f"{2 * peer_args.reps} calls): {ips:.2f} items/s -> {per * args.regions:.0f} s "
-                  f"for {args.regions}; pam-jax {ratio:.1f}x (goal 20x)")  # fmt: skip
+            say(f"release's way, {task} ({new} new tokens, one region per call, "
+                f"{2 * peer_args.reps} calls): {ips:.2f} items/s -> {per * args.regions:.0f} s "
+                f"for {args.regions}; pam-jax {ratio:.1f}x (goal 20x)")  # fmt: skip
             res[f"speedup_{task}"] = ratio
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+            dump()
+            t = None
+            gc.collect()
+            _free_torch()
     return 0
+
+
+def _free_torch() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ format's). RESULTS_DIR gets predictions.jsonl (appended as items finish: rerunni
 command resumes; a folder made with other settings is refused), metrics.json (flat), report.md,
 report.json and examples.png. --model is a model directory or a training workdir (its export,
 else its latest saved step; --step N picks a saved step, exported on first use). Decoding:
-greedy with the checkpoint's repetition penalty.
+greedy with the checkpoint's repetition penalty. Data parallel over every local device; under
+several processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / TPU
+pods) each takes a shard of the items and process 0 merges and scores.
 """
 
 from __future__ import annotations
@@ -69,12 +71,17 @@ def _run(args: argparse.Namespace) -> int:
     model = tok = None
     model_id = "predictions"
     penalty = 1.0
+    mesh = None
     if args.model is not None:
+        from pam_jax.evaluation.runner import local_mesh
         from pam_jax.pam.model import load_pam
+        from pam_jax.training.distributed import maybe_initialize
 
+        maybe_initialize()  # several processes (JAX_COORDINATOR_ADDRESS, ...): one shard each
         d = resolve_model_dir(args.model, args.step)
         cliutil.status(f"loading {d} ...")
-        model, _, tok = load_pam(d, dtype=cliutil.resolve_dtype(args.dtype))
+        mesh = local_mesh()  # every local device: batches data-parallel over them
+        model, _, tok = load_pam(d, dtype=cliutil.resolve_dtype(args.dtype), mesh=mesh)
         model_id = str(d.resolve())
     sampling = cliutil.sampling_from_args(args, tok)
     penalty = sampling.repetition_penalty
@@ -89,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     flat = evaluate(
         cfg, args.out, model=model, tokenizer=tok, model_id=model_id,
-        predictions=args.predictions, force=args.force,
+        predictions=args.predictions, force=args.force, mesh=mesh,
     )  # fmt: skip
     shown = {k: v for k, v in flat.items() if isinstance(v, float) and k != "items_per_s"}
     print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()), f"n_items={flat['n_items']}",

@@ -196,9 +196,18 @@ def evaluate(
     predictions: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    mesh: Any = "local",
 ) -> dict[str, Any]:
-    """Run (model given) or score (`predictions` given) an evaluation into out_dir."""
+    """Run (model given) or score (`predictions` given) an evaluation into out_dir.
+
+    Data parallel: `mesh` "local" = every local device on the `data` axis (`runner.local_mesh`;
+    the model is placed on it, replicated, in place), a mesh of your own, or None (one device).
+    Under jax.distributed every process calls this; each predicts its shard of the items,
+    process 0 merges and scores, and every process returns the same metrics."""
+    import jax
+
     from pam_jax.cliutil import RunFolder
+    from pam_jax.evaluation.runner import local_mesh, sync_processes
 
     loaded = load_items(cfg)
     tasks = sorted({it.task for it in loaded.items})
@@ -213,17 +222,34 @@ def evaluate(
         raise EvalError("evaluate: give a model or a predictions file")
     cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(tokenizer))
     settings = _settings(cfg, model_id, tasks)
-    RunFolder.open(out, command="eval", settings=settings, force=force)
+    rank, count = jax.process_index(), jax.process_count()
+    if rank == 0:  # one process checks and records the folder; the others wait for it
+        RunFolder.open(out, command="eval", settings=settings, force=force)
+    if count > 1:
+        sync_processes("pam_jax_eval_folder")
     from pam_jax.pam.predictor import PAMPredictor
 
+    if mesh == "local":
+        mesh = local_mesh()
+    if mesh is not None:
+        from pam_jax.sharding import place
+
+        place(model, mesh)
     pred = PAMPredictor(
         model, tokenizer, sampling=cfg.decode.sampling(), max_new_tokens=cfg.decode.max_new_tokens
     )
-    runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed)
+    runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed, mesh=mesh)
     stats = run_predictions(runner, loaded.items, out, progress=progress)
+    if rank != 0:  # process 0 scores; the others return its metrics
+        sync_processes("pam_jax_eval_scored")
+        return json.loads((out / METRICS).read_text())
     preds = read_predictions(out / PREDICTIONS)
-    extra = {"items_per_s": stats["items_per_s"]} if stats["n_predicted"] else {}
-    return finish(cfg, loaded, preds, out, settings, extra=extra)
+    # all processes together: process 0's rate times their count
+    extra = {"items_per_s": stats["items_per_s"] * count} if stats["n_predicted"] else {}
+    flat = finish(cfg, loaded, preds, out, settings, extra=extra)
+    if count > 1:
+        sync_processes("pam_jax_eval_scored")
+    return flat
 
 
 class Evaluator:
@@ -248,6 +274,7 @@ class Evaluator:
         self.loaded = load_items(config)  # parsed once, reused every step
 
     def run(self, model_or_state: Any, step: int) -> dict[str, float]:
+        import jax
         from flax import nnx
 
         from pam_jax.pam.predictor import PAMPredictor
@@ -255,7 +282,10 @@ class Evaluator:
         model = model_or_state
         if isinstance(model, tuple):
             model = nnx.merge(*model)
-        out = self.out_dir / f"step_{int(step)}"
+        # the trainer's model is one global (multi-process) array set: every process runs every
+        # item in lockstep; process 0 writes the step's folder, the others a scratch one
+        rank = jax.process_index()
+        out = self.out_dir / (f"step_{int(step)}" + (f".process{rank}" if rank else ""))
         out.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.replace(self.config, decode=self.config.decode.resolved(self.tokenizer))
         pred = PAMPredictor(
@@ -263,7 +293,7 @@ class Evaluator:
             max_new_tokens=cfg.decode.max_new_tokens,
         )  # fmt: skip
         runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed)
-        run_predictions(runner, self.loaded.items, out, progress=False)
+        run_predictions(runner, self.loaded.items, out, progress=False, process=(0, 1))
         preds = read_predictions(out / PREDICTIONS)
         settings = _settings(cfg, f"step {step}", sorted({it.task for it in self.loaded.items}))
         flat = finish(cfg, self.loaded, preds, out, settings)
@@ -272,6 +302,8 @@ class Evaluator:
             for k, v in flat.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in settings
         }
+        if rank:
+            return numeric
         with open(self.out_dir / "eval.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), **numeric}) + "\n")
         if self.tensorboard_dir is not None:

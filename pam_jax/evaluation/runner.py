@@ -8,16 +8,26 @@ bucketed by the predictor), then ONE generation over the batch, its rows padded 
 host threads. Video items run one SAM 2 tracking pass each; streamed videos run their events in
 order, each prompted by its own box and carrying the previous event's prediction as history.
 
+Data parallel: with a `mesh` (`local_mesh()`: every local device on the `data` axis; the model
+placed on it, replicated) each batch's generation rows, padded to a multiple of the device
+count, are sharded over `data` (padding rows are dropped). Across processes
+(`jax.distributed`), each process takes a disjoint, deterministic shard of the items (whole
+images, so an image's regions stay together: `process_shard`), appends to its own
+`predictions.part<k>.jsonl`, and process 0 merges every part into `predictions.jsonl` once all
+have finished.
+
 Resuming: `predictions.jsonl` holds one line per finished id ({"id", "pred"} plus "mask_rle"
 for images and "masks_rle" (one RLE per frame) for videos; {"id", "error"} for an item that
 could not run: an unreadable image, a prompt outside its image); a restart skips the finished ids
-(and drops a half-written last line), so a killed run loses nothing and repeats nothing. Lines
-are flushed and fsynced per batch.
+(and drops a half-written last line), so a killed run loses nothing and repeats nothing: a
+restart, with any number of processes, skips every id in `predictions.jsonl` or any part file.
+Lines are flushed and fsynced per batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -32,6 +42,7 @@ from pam_jax.cliutil import CLIError
 from pam_jax.evaluation.formats import TASKS, Item, decode_mask, encode_mask
 
 PREDICTIONS = "predictions.jsonl"
+PART = "predictions.part{}.jsonl"  # process k's lines in a multi-process run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +101,52 @@ def read_predictions(path: str | os.PathLike, *, repair: bool = False) -> dict[s
             raise ValueError(f"{p} line {i}: id {obj['id']!r} appears twice")
         out[obj["id"]] = obj
     return out
+
+
+def part_files(out_dir: Path) -> list[Path]:
+    """Every process's part file in out_dir (any process count), by process index."""
+    found = []
+    for f in out_dir.glob(PART.format("*")):
+        k = f.name[len(PART.split("{")[0]) : -len(PART.split("}")[1])]
+        if k.isdigit():
+            found.append((int(k), f))
+    return [f for _, f in sorted(found)]
+
+
+def merge_parts(out_dir: Path, order: Sequence[str] = ()) -> dict[str, dict]:
+    """Fold every part file into predictions.jsonl (written whole, then renamed; the parts are
+    deleted after): one line per id, in `order` first, then the rest as read. An id in several
+    files (a stream item redone after a kill) keeps its last line (part files after
+    predictions.jsonl, by process index)."""
+    merged: dict[str, dict] = {}
+    for f in [out_dir / PREDICTIONS, *part_files(out_dir)]:
+        merged.update(read_predictions(f))
+    known = [i for i in order if i in merged]
+    rest = [i for i in merged if i not in set(known)]
+    tmp = out_dir / (PREDICTIONS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(merged[i], ensure_ascii=False) + "\n" for i in known + rest))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / PREDICTIONS)
+    for f in part_files(out_dir):
+        f.unlink()
+    return merged
+
+
+def process_shard(items: Sequence[Item], index: int, count: int) -> list[Item]:
+    """Process `index` of `count`'s items: whole images (or videos) dealt round-robin in sorted
+    order of their path (id for videos), so the shards are disjoint, cover every item, keep an
+    image's regions in one process and are the same on every restart."""
+    if count == 1:
+        return list(items)
+    keys = sorted({_shard_key(it) for it in items})
+    owner = {k: i % count for i, k in enumerate(keys)}
+    return [it for it in items if owner[_shard_key(it)] == index]
+
+
+def _shard_key(it: Item) -> str:
+    return ("i:" + it.media[0]) if it.kind == "image" else ("v:" + it.id)
 
 
 class PredictionWriter:
@@ -180,13 +237,27 @@ def _prefetch(groups: Sequence[list[Item]], workers: int = 4) -> Iterator[tuple[
 class Runner:
     """Runs a `PAMPredictor` over items; `predict(items)` yields prediction lines per group."""
 
-    def __init__(self, predictor: Any, *, batch_size: int, lang: str = "en", seed: int = 0):
+    def __init__(
+        self,
+        predictor: Any,
+        *,
+        batch_size: int,
+        lang: str = "en",
+        seed: int = 0,
+        mesh: Any = None,
+    ):
+        """`mesh`: shard each batch's generation over its `data` axis (the predictor's model
+        must already be placed on it, e.g. `sharding.place(model, mesh)`); None: one device."""
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.pred = predictor
         self.batch_size = batch_size
         self.lang = lang
         self.seed = seed
+        self.mesh = mesh
+        n = 1 if mesh is None else int(mesh.shape["data"])
+        self.rows = -(-batch_size // n) * n  # generation rows: a multiple of the data axis
+        self._gather = _gather(mesh)
 
     def image_group(self, group: Sequence[Item], images: dict[str, np.ndarray]) -> list[dict]:
         """One batch of image items: SAM 2 per image, one padded generation for all regions."""
@@ -223,15 +294,17 @@ class Runner:
             parts.append((idx, inp.llm))
         texts: dict[int, str] = {}
         if task != "segment" and parts:
+            rows = [(i, k, llm) for idx, llm in parts for k, i in enumerate(idx)]
+            # fixed batch (self.rows): one decoding program; padding rows repeat row 0 and
+            # are dropped below
+            take = [(j, k) for j, (idx, _) in enumerate(parts) for k in range(len(idx))]
+            take += [take[0]] * (self.rows - len(take))
             import jax.numpy as jnp
 
-            rows = [(i, k, llm) for idx, llm in parts for k, i in enumerate(idx)]
-            emb = jnp.concatenate([llm.embeds[k][None] for _, k, llm in rows])
-            lengths = np.asarray([llm.lengths[k] for _, k, llm in rows])
-            pad = self.batch_size - len(rows)
-            if pad > 0:  # fixed batch: one decoding program; padded rows are dropped
-                emb = jnp.concatenate([emb, jnp.repeat(emb[:1], pad, axis=0)])
-                lengths = np.concatenate([lengths, np.repeat(lengths[:1], pad)])
+            flat = jnp.concatenate([llm.embeds for _, llm in parts])
+            offsets = np.cumsum([0] + [llm.embeds.shape[0] for _, llm in parts])
+            emb = self._gather(flat, np.asarray([offsets[j] + k for j, k in take], np.int32))
+            lengths = np.asarray([parts[j][1].lengths[k] for j, k in take])
             first = parts[0][1]
             joined = LLMInputs(emb, lengths, emb[:, :0], first.text_before, first.text_after)
             gen = self.pred.generate(joined, self.seed)
@@ -303,6 +376,44 @@ class Runner:
                 yield 1, self.stream_item(it)
 
 
+def _take_rows(flat: Any, index: Any) -> Any:
+    return flat[index]
+
+
+@functools.cache
+def _gather(mesh: Any = None) -> Callable:
+    """rows = flat[index], jitted; with a mesh, explicit shardings: in replicated, the rows out
+    split over `data` (what the generation then runs sharded on)."""
+    import jax
+
+    if mesh is None:
+        return jax.jit(_take_rows)
+    from pam_jax import sharding
+
+    rep = sharding.named_sharding(mesh, None)
+    rows = sharding.named_sharding(mesh, ("batch", "length", "act_embed"))
+    return jax.jit(_take_rows, in_shardings=(rep, rep), out_shardings=rows)
+
+
+def local_mesh() -> Any:
+    """Every local device of this process on the `data` axis (None with one device)."""
+    import jax
+
+    from pam_jax import sharding
+
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    return sharding.make_mesh((len(devices), 1, 1), devices=devices)
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every jax.distributed process reaches `name`."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def run_predictions(
     runner: Runner,
     items: Sequence[Item],
@@ -310,22 +421,45 @@ def run_predictions(
     *,
     progress: bool = True,
     on_group: Callable[[int], None] | None = None,
+    process: tuple[int, int] | None = None,
+    barrier: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Predict every item not yet in out_dir/predictions.jsonl, appending as groups finish.
-    Returns {"n_done_before", "n_predicted", "seconds", "items_per_s"}."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / PREDICTIONS
-    done = read_predictions(path, repair=True)
-    todo = [it for it in items if not all(i in done for i in it.prediction_ids())]
-    partial = [i for it in todo for i in it.prediction_ids() if i in done]
+    """Predict every item not yet in out_dir (predictions.jsonl or any part file), appending as
+    groups finish. `process` = (index, count) (default: jax's): with several, this process runs
+    its `process_shard` into its part file, then (after `barrier`, default a jax.distributed
+    sync) process 0 merges the parts into predictions.jsonl; every process returns after the
+    merge. Returns {"n_done_before", "n_predicted", "seconds", "items_per_s"} (this process's)."""
+    if process is None:
+        import jax
+
+        process = (jax.process_index(), jax.process_count())
+    rank, count = process
+    barrier = barrier or sync_processes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    order = [i for it in items for i in it.prediction_ids()]
+    if count == 1:
+        if part_files(out):  # left by a killed multi-process run: fold them in first
+            merge_parts(out, order)
+        path = out / PREDICTIONS
+        done = read_predictions(path, repair=True)
+    else:
+        path = out / PART.format(rank)
+        done = read_predictions(out / PREDICTIONS)
+        for f in part_files(out):  # other processes only append ids outside this shard
+            done.update(read_predictions(f, repair=f == path))
+    mine = process_shard(items, rank, count)
+    todo = [it for it in mine if not all(i in done for i in it.prediction_ids())]
+    partial = {i for it in todo for i in it.prediction_ids() if i in done}
     if partial:  # a stream item cut between events: its events are redone together
-        keep = [line for k, line in done.items() if k not in set(partial)]
+        own = read_predictions(path)
+        keep = [line for k, line in own.items() if k not in partial]
         path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in keep))
     writer = PredictionWriter(path)
     t0 = time.perf_counter()
     n = 0
     try:
-        progress = progress and os.environ.get("PAM_JAX_PROGRESS", "1") != "0"
+        progress = progress and rank == 0 and os.environ.get("PAM_JAX_PROGRESS", "1") != "0"
         if progress:
             from tqdm.auto import tqdm
 
@@ -342,8 +476,13 @@ def run_predictions(
     finally:
         writer.close()
     dt = time.perf_counter() - t0
+    if count > 1:
+        barrier("pam_jax_eval_predicted")
+        if rank == 0:
+            merge_parts(out, order)
+        barrier("pam_jax_eval_merged")
     return {
-        "n_done_before": len(items) - len(todo),
+        "n_done_before": len(mine) - len(todo),
         "n_predicted": n,
         "seconds": dt,
         "items_per_s": n / dt if dt > 0 else 0.0,

@@ -1,8 +1,8 @@
-"""The eval runner on the tiny random PAM of tests/pam/test_model.py (SAM 2.1 tiny at 512^2,
-a 2-layer Qwen2, greedy): batched predictions equal unbatched ones (and the public per-image
-API); a run killed mid-way and restarted ends with the same predictions and metrics, nothing
-duplicated or lost; `pam-jax eval` end to end, settings recorded and a changed setting refused;
-predictions-file scoring reports unknown and missing ids."""
+"""The eval runner on the tiny random PAM of tests/eval/tiny.py (fixtures in conftest.py):
+batched predictions equal unbatched ones (and the public per-image API); a run killed mid-way
+and restarted ends with the same predictions and metrics, nothing duplicated or lost;
+`pam-jax eval` end to end, settings recorded and a changed setting refused; predictions-file
+scoring reports unknown and missing ids."""
 
 import json
 
@@ -19,44 +19,7 @@ from pam_jax.evaluation.runner import (
     run_predictions,
 )
 from pam_jax.pam.predictor import PAMPredictor
-from tests.pam.test_model import model_dir, setup  # noqa: F401  (fixtures)
-
-NEW = 3
-REC = "Classify this subject and provide its label."
-REGIONS = [
-    {"bbox": [40, 30, 160, 220]},
-    {"points": [[100, 120], [300, 200]], "labels": [1, 0]},
-    {"bbox": [10, 10, 390, 280], "points": [[200, 150]], "labels": [1]},
-]
-
-
-@pytest.fixture(scope="module")
-def data(setup, tmp_path_factory):  # noqa: F811
-    _, _, _, image = setup
-    d = tmp_path_factory.mktemp("evaldata")
-    Image.fromarray(image).save(d / "a.png")
-    Image.fromarray(np.ascontiguousarray(image[::-1])).save(d / "b.png")
-    rows = []
-    for k, (name, reg) in enumerate([("a.png", 0), ("b.png", 1), ("a.png", 2), ("b.png", 0),
-                                     ("a.png", 1)]):  # fmt: skip
-        conv = [{"from": "human", "value": "<image>\n" + REC}, {"from": "gpt", "value": "cat"}]
-        rows.append({"id": f"r{k}", "image": name, "conversations": conv, **REGIONS[reg]})
-    path = d / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # the same regions as COCO instances with reference masks, for --task segment
-    m = np.zeros(image.shape[:2], np.uint8)
-    m[30:250, 40:200] = 1
-    rle = formats.encode_mask(m.astype(bool))
-    coco = {
-        "images": [{"id": 1, "file_name": "a.png", "height": 300, "width": 420},
-                   {"id": 2, "file_name": "b.png", "height": 300, "width": 420},
-                   {"id": 3, "file_name": "gone.png", "height": 300, "width": 420}],
-        "annotations": [{"id": 10 + k, "image_id": 1 + k % 2, "bbox": [40, 30, 160, 220 - k],
-                         "segmentation": rle} for k in range(3)]
-                       + [{"id": 13, "image_id": 3, "bbox": [1, 1, 9, 9], "segmentation": rle}],
-    }  # fmt: skip
-    (d / "coco.json").write_text(json.dumps(coco))
-    return d
+from tests.eval.tiny import NEW
 
 
 def _run(model, tok, items, out, batch_size, **kw):
@@ -64,18 +27,18 @@ def _run(model, tok, items, out, batch_size, **kw):
     return run_predictions(Runner(pred, batch_size=batch_size), items, out, progress=False, **kw)
 
 
-@pytest.fixture(scope="module")
-def unbatched(setup, data, tmp_path_factory):  # noqa: F811
+@pytest.fixture(scope="session")
+def unbatched(tiny_pam, data, tmp_path_factory):
     """One region per batch (the reference), shared by the tests below."""
-    _, model, tok, _ = setup
+    model, tok = tiny_pam
     items = formats.load(data / "data.jsonl", "pam").items
     out = tmp_path_factory.mktemp("b1")
     _run(model, tok, items, out, 1)
     return items, read_predictions(out / PREDICTIONS)
 
 
-def test_batched_equals_unbatched(setup, unbatched, tmp_path):  # noqa: F811
-    _, model, tok, _ = setup
+def test_batched_equals_unbatched(tiny_pam, unbatched, tmp_path):
+    model, tok = tiny_pam
     items, one = unbatched
     assert [it.task for it in items] == ["recognize"] * 5
     _run(model, tok, items, tmp_path / "b4", 4)  # 2 images per batch, 1-2 regions each
@@ -92,8 +55,8 @@ def test_batched_equals_unbatched(setup, unbatched, tmp_path):  # noqa: F811
         assert formats.encode_mask(res.mask) == one[it.id]["mask_rle"]
 
 
-def test_kill_and_resume(setup, unbatched, data, tmp_path):  # noqa: F811
-    _, model, tok, _ = setup
+def test_kill_and_resume(tiny_pam, unbatched, data, tmp_path):
+    model, tok = tiny_pam
     items, clean = unbatched
 
     class Killed(Exception):
@@ -130,7 +93,8 @@ def _eval(*args):
     return main(["eval", *map(str, args)])
 
 
-def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, capsys):  # noqa: F811
+def test_cli_segment_resume_refuse_and_predictions(tiny_model_dir, data, tmp_path, capsys):
+    model_dir = tiny_model_dir
     out = tmp_path / "res"
     base = ["--data", data / "coco.json", "--format", "coco", "--out", out, "--batch-size", 2]
     assert _eval("--model", model_dir, *base) == 0
@@ -170,10 +134,10 @@ def test_cli_segment_resume_refuse_and_predictions(model_dir, data, tmp_path, ca
     assert "--strict" in capsys.readouterr().err
 
 
-def test_evaluator_api_for_the_trainer(setup, data, tmp_path):  # noqa: F811
+def test_evaluator_api_for_the_trainer(tiny_pam, data, tmp_path):
     from pam_jax.evaluation.api import EvalConfig, Evaluator
 
-    _, model, tok, _ = setup
+    model, tok = tiny_pam
     cfg = EvalConfig(data=str(data / "coco.json"), format="coco", batch_size=2, limit=2)
     ev = Evaluator(cfg, tok, tmp_path / "eval", tensorboard_dir=tmp_path / "tb")
     got = ev.run(model, step=5)
@@ -187,46 +151,47 @@ def test_evaluator_api_for_the_trainer(setup, data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.heavy
-def test_video_and_stream_items(setup, tmp_path):  # noqa: F811
+def test_video_and_stream_items(tiny_pam, tmp_path):
     """Video items == describe_video; stream events run in order with the previous event's
     prediction as history (about a minute of compilation on 2 CPU cores: heavy)."""
-    from tests.pam.test_model import _frames
+    from tests.eval.tiny import HW, image
 
-    _, model, tok, _ = setup
+    model, tok = tiny_pam
     d = tmp_path / "v"
     d.mkdir()
-    frames = _frames(4)
+    frames = [np.roll(image(1), 7 * i, axis=1) for i in range(4)]  # a panning "video"
     for i, f in enumerate(frames):
         Image.fromarray(f).save(d / f"{i:05d}.png")
     names = [f"{i:05d}.png" for i in range(4)]
-    rle = formats.encode_mask(np.ones((300, 420), bool))
+    rle = formats.encode_mask(np.ones(HW, bool))
     (tmp_path / "v.jsonl").write_text(json.dumps(
-        {"id": "obj", "image_root": "v", "frames": names, "box": [40, 30, 200, 250],
+        {"id": "obj", "image_root": "v", "frames": names, "box": [10, 8, 60, 70],
          "caption": "x", "masks": [rle] * 4}) + "\n")  # fmt: skip
     (tmp_path / "s.jsonl").write_text(json.dumps(
         {"video_id": "vid", "image_root": "v", "annotations": [
-            {"frames": names[:2], "gt": "a", "box": [[40, 30, 160, 220]]},
-            {"frames": names[2:], "gt": "b", "box": [[50, 40, 100, 100]]}]}) + "\n")  # fmt: skip
+            {"frames": names[:2], "gt": "a", "box": [[10, 8, 50, 62]]},
+            {"frames": names[2:], "gt": "b", "box": [[20, 10, 30, 30]]}]}) + "\n")  # fmt: skip
     pred = PAMPredictor(model, tok, max_new_tokens=NEW)
     runner = Runner(pred, batch_size=2)
     (vid,) = formats.load(tmp_path / "v.jsonl", "video").items
     (line,) = runner.video_item(vid)
-    want = pred.describe_video(frames, {"box": [40, 30, 200, 250]}, "video_caption")
+    want = pred.describe_video(frames, {"box": [10, 8, 60, 70]}, "video_caption")
     assert line["pred"] == want.text and len(line["masks_rle"]) == 4
     assert line["masks_rle"][2] == formats.encode_mask(want.masks[2])
     (st,) = formats.load(tmp_path / "s.jsonl", "stream").items
     lines = runner.stream_item(st)
     assert [x["id"] for x in lines] == ["vid#0", "vid#1"]
-    first = pred.describe_video(frames[:2], {"box": [40, 30, 200, 250]}, "streaming_caption")
-    second = pred.describe_video(frames[2:], {"box": [50, 40, 150, 140]}, "streaming_caption",
+    first = pred.describe_video(frames[:2], {"box": [10, 8, 60, 70]}, "streaming_caption")
+    second = pred.describe_video(frames[2:], {"box": [20, 10, 50, 40]}, "streaming_caption",
                                  history=first.text)  # fmt: skip
     assert [x["pred"] for x in lines] == [first.text, second.text]
 
 
 @pytest.mark.heavy
-def test_sigkill_and_restart(model_dir, data, tmp_path):  # noqa: F811
+def test_sigkill_and_restart(tiny_model_dir, data, tmp_path):
     """A real `pam-jax eval` process killed (SIGKILL) once predictions start landing, then run
     again: the same predictions and metrics as an uninterrupted run, none duplicated or lost."""
+    model_dir = tiny_model_dir
     import os
     import signal
     import subprocess
