@@ -234,9 +234,13 @@ def make_dataset(
     marked not valid), so multi-host evaluation loops stay in step.
     num_points: fixed prompt width (default 4 when augmenting, else the batch's power-of-two
     bucket). prefetch: samples prepared ahead (default max(2 x batch, 2 x threads)).
-    worker_count > 0 adds grain multiprocessing (`mp_prefetch`). pack: first-fit packing of
-    up to `pack_max` samples a row (module doc; seq_bucket must then be a list of lengths,
-    rows are filled up to the largest). The dataset carries
+    worker_count > 0 adds grain worker processes (`mp_prefetch`, spawned: each imports pam_jax
+    and opens the sources, seconds per worker before the first batch); `num_threads` and
+    `prefetch` are then split over the workers (each one's own thread pool reads its slice),
+    so W workers do not start W x num_threads decode threads. Close a worker-mode iterator
+    (`it.close()`) when done: else interpreter exit joins the workers one by one.
+    pack: first-fit packing of up to `pack_max` samples a row (module doc; seq_bucket must then
+    be a list of lengths, rows are filled up to the largest). The dataset carries
     `num_sources` and `source_names` (the mixture components `Batch.source_index` counts)."""
     import grain
 
@@ -300,6 +304,9 @@ def make_dataset(
         num_points = max(cfg.max_image_points, cfg.max_video_points, 2)
     if prefetch is None:  # samples are MBs (a 16-frame video at 1024: 48 MB): keep few ahead
         prefetch = max(2 * batch_size, 2 * num_threads)
+    if worker_count > 0:  # per worker (each worker runs this read stage on its slice)
+        num_threads = max(1, num_threads // worker_count)
+        prefetch = max(2, -(-prefetch // worker_count))
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     )
