@@ -7,6 +7,7 @@ static Batch). Host-only; no accelerator is touched.
     python benchmarks/bench_data.py --workers 14          # ... or grain worker processes
     python benchmarks/bench_data.py --videos 64 --records 0 --batch 2   # 16-of-32-frame videos
     python benchmarks/bench_data.py --tiny --cpu          # smoke test (seconds)
+    python benchmarks/bench_data.py --image-size 256 --pack 4 --seq-len 2048  # packed rows
 
 Synthetic records (random-texture JPEGs at --image-hw, COCO-like 640x480 by default; a box and
 5 points each; a ~40-word answer) are written with `pam-jax data prepare` into a temporary
@@ -14,7 +15,11 @@ folder (not timed), then `make_dataset(..., shuffle=True, augment=True)` is iter
 --warmup batches are discarded, the next --batches timed. The tokenizer is a byte-level
 ChatML BPE without merges (every byte a token: more tokens than Qwen's, so a pessimistic
 tokenize cost). Prints one JSON line; `cpu_ms_per_record` (threads mode) is the pipeline's CPU
-cost per record, independent of how busy the machine is.
+cost per record, independent of how busy the machine is. `first_batch_s` is the time from
+building the pipeline to the first batch (worker mode: spawning the workers, each importing
+pam_jax and opening the dataset). Stage times go to stderr as they happen (flushed), and the
+result line is printed and flushed before the iterator (and its workers) is closed, so a slow
+shutdown or a timeout never swallows it.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="grain worker processes (0: threads)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--pack", type=int, default=0, help="pack up to N samples a row (0: off)")
+    p.add_argument("--seq-len", type=int, default=0, help="row length when packing")
     p.add_argument("--tiny", action="store_true", help="smoke test: few small records")
     p.add_argument("--cpu", action="store_true", help="(accepted; the loader is host-only)")
     args = p.parse_args(argv)
@@ -115,13 +122,27 @@ def main(argv=None) -> int:
     from pam_jax.data.preprocess import PreprocessConfig
 
     hw = tuple(int(v) for v in args.image_hw.split(","))
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[bench_data {time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    if args.pack and not args.seq_len:
+        p.error("--pack needs --seq-len (the packed row length)")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         jsonl = write_records(d, args.records, args.videos, hw, args.video_frames)
         t0 = time.perf_counter()
         rep = prepare([jsonl], d, d / "ds", workers=args.threads)
         prep_s = time.perf_counter() - t0
-        cfg = PreprocessConfig(image_size=args.image_size, num_frames=args.num_frames)
+        log(f"prepared {rep['written']} records in {prep_s:.1f} s")
+        # the visual block PAM sees at this size (1042 at 1024 px: (1024 / 32)^2 + 16 + 2)
+        nv = (args.image_size // 16 // 2) ** 2 + 18
+        cfg = PreprocessConfig(
+            image_size=args.image_size, num_frames=args.num_frames, num_visual=nv
+        )
+        pack = dict(pack=True, pack_max=args.pack, seq_bucket=[args.seq_len]) if args.pack else {}
         ds = make_dataset(
             d / "ds",
             tokenizer=byte_tokenizer(),
@@ -132,36 +153,50 @@ def main(argv=None) -> int:
             augment=True,
             num_threads=args.threads,
             worker_count=args.workers,
+            **pack,
         )
+        t0 = time.perf_counter()
         it = iter(ds)
-        for _ in range(args.warmup):
+        b = next(it)
+        first_s = time.perf_counter() - t0
+        log(f"first batch after {first_s:.1f} s ({args.workers} workers, {args.threads} threads)")
+        for _ in range(args.warmup - 1):
             b = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
+        samples = 0
         for _ in range(args.batches):
             b = next(it)
+            samples += int((b.record_index >= 0).sum())
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    n = args.batches * args.batch
-    out = {
-        "bench": "data",
-        "records_per_s": round(n / dt, 1),
-        "batch_per_s": round(args.batches / dt, 2),
-        # CPU seconds of this process per record (threads mode: the whole pipeline's cost, which
-        # does not depend on how busy the machine is; 1 / this = records / s per free core)
-        "cpu_ms_per_record": None if args.workers else round(1000 * cpu / n, 1),
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-        "batch": args.batch,
-        "threads": args.threads,
-        "workers": args.workers,
-        "cpus": os.cpu_count(),
-        "stored_hw": list(hw),
-        "image_size": args.image_size,
-        "kinds": rep["written_by_kind"],
-        "num_frames": args.num_frames if args.videos else 1,
-        "seq_len": int(b.text_ids.shape[1]),
-        "batch_mb": round(sum(v.nbytes for v in vars(b).values()) / 2**20, 1),
-        "prepare_records_per_s": round(rep["written"] / prep_s, 1),
-    }
-    print(json.dumps(out))
+        log(f"timed {args.batches} batches in {dt:.1f} s")
+        n = samples
+        out = {
+            "bench": "data",
+            "records_per_s": round(n / dt, 1),
+            "batch_per_s": round(args.batches / dt, 2),
+            # CPU seconds of this process per record (threads mode: the whole pipeline's cost, which
+            # does not depend on how busy the machine is; 1 / this = records / s per free core)
+            "cpu_ms_per_record": None if args.workers else round(1000 * cpu / n, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 1),
+            "batch": args.batch,
+            "threads": args.threads,
+            "workers": args.workers,
+            "cpus": os.cpu_count(),
+            "stored_hw": list(hw),
+            "image_size": args.image_size,
+            "kinds": rep["written_by_kind"],
+            "num_frames": args.num_frames if args.videos else 1,
+            "first_batch_s": round(first_s, 1),
+            "pack_max": args.pack,
+            "samples_per_batch": round(n / args.batches, 2),
+            "seq_len": int(b.text_ids.shape[1]),
+            "batch_mb": round(sum(v.nbytes for v in vars(b).values()) / 2**20, 1),
+            "prepare_records_per_s": round(rep["written"] / prep_s, 1),
+        }
+        print(json.dumps(out), flush=True)
+        if hasattr(it, "close"):  # worker mode: stop the workers now, not one by one at exit
+            it.close()
+        log("closed")
     return 0
 
 
