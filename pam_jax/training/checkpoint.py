@@ -33,13 +33,17 @@ def _as_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _val_loss(metrics: dict) -> float:
+    return float(metrics["val_loss"])
+
+
 class Checkpoints:
     def __init__(self, workdir: str | os.PathLike, keep: int, *, best: bool = False):
         self.dir = Path(workdir).resolve() / "checkpoints"
         policies: list[Any] = [cm.LatestN(max(keep, 1))]
-        if best:
+        if best:  # reverse: sorted descending, BestN keeps the tail = the lowest val_loss
             policies.append(
-                cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                cm.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
                          keep_checkpoints_without_metrics=False)
             )  # fmt: skip
         self.manager = ocp.CheckpointManager(
@@ -47,6 +51,11 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies[0] if len(policies) == 1
                 else cm.AnyPreservationPolicy(policies),
+                # best_fn makes orbax write each step's metrics to disk and read them back
+                # on --resume; without it they live in memory only and a resumed run's
+                # BestN would drop the earlier best
+                best_fn=_val_loss if best else None,
+                best_mode="min",
                 enable_async_checkpointing=True,
                 create=True,
             ),

@@ -70,7 +70,8 @@ def model_flops(spec, positions: float, rows: int, seq_len: int, frames: int = 1
 
 class RunLog:
     """metrics.jsonl + eval.jsonl + TensorBoard events + tqdm bar; `truncate(step)` drops
-    lines of steps >= step (a resume re-logs them, so each step appears once)."""
+    metrics lines of steps >= step and eval lines of steps > step (a resume re-logs them, so
+    each step appears once)."""
 
     def __init__(self, workdir: str | os.PathLike, total_steps: int, *, enabled: bool = True):
         self.dir = Path(workdir)
@@ -84,10 +85,12 @@ class RunLog:
     def truncate(self, step: int) -> None:
         if not self.enabled:
             return
-        for p in (self.metrics_path, self.eval_path):
+        # a metrics line's step counts updates before its batch; an eval line's the updates
+        # done (eval at `step` ran on the restored state itself, so it stays)
+        for p, last in ((self.metrics_path, step - 1), (self.eval_path, step)):
             if p.is_file():
                 keep = [ln for ln in p.read_text().splitlines() if ln.strip()
-                        and json.loads(ln)["step"] < step]  # fmt: skip
+                        and json.loads(ln)["step"] <= last]  # fmt: skip
                 p.write_text("".join(x + "\n" for x in keep))
 
     def start(self, step: int) -> None:

@@ -190,6 +190,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     step = start
     truncated = 0  # this process's rows cut at model_max_length since (re)start
     evaluator = None
+    last_val: tuple[int, dict] | None = None  # (step, metrics) of the last validation
     with _Signals() as sig:
         while step < cfg.steps:
             local = next(source)
@@ -246,11 +247,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                 evaluator = evaluator or _evaluator(cfg, tok, wd)
                 model = spec.merge({**state.params, **frozen_dev})
                 runlog.log_eval({"step": step, **evaluator.run(model, step)})
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                metrics = None if val is None else {"val_loss": val["val_loss"]}
+            if val is not None:
+                last_val = (step, {"val_loss": val["val_loss"]})
+            # a validated step is saved too (with its val_loss), so the best-by-validation
+            # policy can keep it even when eval_every and save_every do not line up
+            due = cfg.save_every and step % cfg.save_every == 0
+            if (due or val is not None) and step < cfg.steps:
+                metrics = None if val is None else last_val[1]
                 ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
     if ckpt.latest_step() != step:
-        ckpt.save(step, state, source.get_state(), cfg.to_dict())
+        metrics = last_val[1] if last_val is not None and last_val[0] == step else None
+        ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
     ckpt.close()
     runlog.close()
     summary = {"step": step, "loss": last_loss, "stopped_by_signal": stopped}
