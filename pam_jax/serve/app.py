@@ -50,6 +50,7 @@ from pam_jax.serve.worker import Busy, Task, Worker
 ID = re.compile(r"[0-9a-f]{16}")
 JSON_LIMIT = 1 << 20  # a prompt is a few hundred bytes
 REGION_KEYS = ("points", "labels", "box")
+MAX_POINTS = 16  # per prompt: each power-of-two point count is one more compiled decoder
 AMG_KEYS = {  # perceive's generator parameters: (type, lowest, highest)
     "points_per_side": (int, 1, 64),
     "pred_iou_thresh": (float, 0.0, 1.0),
@@ -110,6 +111,8 @@ def _lookup(store, doc: dict[str, Any], key: str):
 
 def _region(doc: dict[str, Any], hw: tuple[int, int], size: int) -> dict[str, Any]:
     region = {k: doc[k] for k in REGION_KEYS if doc.get(k) is not None}
+    if isinstance(region.get("points"), list) and len(region["points"]) > MAX_POINTS:
+        raise HTTPError(400, f"at most {MAX_POINTS} points per prompt")
     try:
         pad_regions([region], hw, size)  # the one prompt check, before the queue
     except (PromptError, ValueError, TypeError) as e:

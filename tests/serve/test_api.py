@@ -150,6 +150,10 @@ def _bad_requests(sample):
          "application/json", 404, "no such image"),
         ("bad JSON", "POST", "/segment", b'{"image_id": ', "application/json", 400, "JSON"),
         ("JSON list", "POST", "/segment", b"[1, 2]", "application/json", 400, "object"),
+        ("too many points", "POST", "/segment",
+         b'{"image_id": "%s", "points": %s, "labels": %s}'
+         % (iid.encode(), str([[1, 1]] * 40).encode(), str([1] * 40).encode()),
+         "application/json", 400, "at most 16 points"),
         ("labels without points", "POST", "/segment",
          b'{"image_id": "%s", "labels": [1]}' % iid.encode(), "application/json", 400,
          "together"),
@@ -189,7 +193,8 @@ def test_perceive_everything(live, engine, sample):
 
     amg = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
                box_nms_thresh=1.0)  # fmt: skip
-    status, doc = live.post("/perceive", {"image_id": sample["image_id"], "max_regions": 3, **amg})
+    doc = {"image_id": sample["image_id"], "max_regions": 3, **amg}
+    status, doc = live.post("/perceive", doc, timeout=600)
     assert status == 200, doc
     gen = SAM2AutomaticMaskGenerator(engine.model.sam2, **amg)
     ref = perceive(sample_image(360, 480)[0], gen, engine.predictor, max_regions=3)
