@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -180,3 +181,19 @@ def test_jsonl_in_place_with_videos(tmp_path, tokenizer):
     ]
     assert b.num_visual.tolist() == [9, 5, 0, 0] and b.example_valid.sum() == 2
     assert b.is_visual.sum(1).tolist() == [9, 5, 0, 0]
+
+
+def test_weighted_mixture_resume_continues_with_the_next_batch(dataset, tokenizer, tmp_path):
+    y = tmp_path / "mix.yaml"
+    y.write_text(
+        f"datasets:\n  - json_path: {dataset / 'ds'}\n    weight: 2\n"
+        f"  - json_path: {dataset / 'ds'}\n    sampling_strategy: first:3\n    weight: 1\n"
+    )
+    it = iter(_ds(y, tokenizer, shuffle=True, augment=True))
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    want = [digest(next(it)) for _ in range(2)]
+    it2 = iter(_ds(y, tokenizer, shuffle=True, augment=True))  # a fresh pipeline
+    it2.set_state(state)
+    assert [digest(next(it2)) for _ in range(2)] == want
