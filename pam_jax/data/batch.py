@@ -172,9 +172,14 @@ def collate_packed(
     num_points: int | None = None,
     source_index: Sequence[int] | None = None,
     record_index: Sequence[int] | None = None,
+    block: int | None = None,
 ) -> Batch:
     """A packed Batch (see module doc): `rows[r]` lists the examples of row r in order (e.g.
-    `first_fit`'s), at most `pack_max` each; L is the smallest bucket holding the fullest row."""
+    `first_fit`'s), at most `pack_max` each; L is the smallest bucket holding the fullest row.
+
+    block: the visual length the model gives every slot, V (`visual_index` = k * V + i): its
+    video length whenever the batch has F > 1 frames, also for a batch of images only (the
+    training forward pads image visuals to it); default the longest example's."""
     if not examples or not rows:
         raise ValueError("collate_packed needs at least one example")
     if isinstance(seq_bucket, int):
@@ -189,7 +194,7 @@ def collate_packed(
         raise ValueError("packed rows must hold every example exactly once")
     L = bucket_length(max(sum(examples[i].length for i in r) for r in rows), seq_bucket)
     return _build(examples, rows, b, pack_max, L, num_frames, num_points, source_index,
-                  record_index, None, packed=True)  # fmt: skip
+                  record_index, None, packed=True, block=block)  # fmt: skip
 
 
 def _build(
@@ -205,6 +210,7 @@ def _build(
     row_valid,
     *,
     packed,
+    block=None,
 ) -> Batch:
     """The one collate: B rows x K slots; slot (r, j) holds example rows[r][j] or padding."""
     f = max(e.pixels.shape[0] for e in examples) if num_frames is None else int(num_frames)
@@ -222,7 +228,8 @@ def _build(
     empty = np.zeros(0, np.int32)
     segs = [[(examples[i].ids_before, examples[i].ids_after, examples[i].num_visual) for i in r]
             for r in rows] + [[(empty, empty, 0)]] * (b - len(rows))  # fmt: skip
-    block = max(e.num_visual for e in examples)
+    longest = max(e.num_visual for e in examples)
+    block = longest if block is None else int(block)
     lay, seg = packed_layout(segs, block=block, pad_to=L, pad_side="right")
     labels = np.full((b, L), IGNORE, np.int32)
     row_ok = np.zeros(b, bool)

@@ -324,9 +324,11 @@ def make_dataset(
     if pack:
         from pam_jax.data.packing import PackIterDataset
 
+        # one visual block per slot of the model's length: the video one when F > 1
+        block = cfg.num_visual_video if collate_kw["num_frames"] > 1 else cfg.num_visual
         out = PackIterDataset(
             it, batch_size=batch_size, capacity=max(seq_bucket), pack_max=pack_max,
-            drop_remainder=drop_remainder, collate_kw=collate_kw,
+            drop_remainder=drop_remainder, collate_kw={**collate_kw, "block": block},
         )  # fmt: skip
     else:
         out = it.batch(

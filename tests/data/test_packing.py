@@ -234,3 +234,29 @@ def test_train_step_on_a_packed_batch(micro):
     assert int(out[0]["tokens"]) == int(out[1]["tokens"]) > 0
     np.testing.assert_allclose(out[1]["loss"], out[0]["loss"], rtol=1e-5)
     np.testing.assert_allclose(out[1]["grad_norm"], out[0]["grad_norm"], rtol=1e-4)
+
+
+def test_packed_videos_and_images_take_the_video_block(tmp_path, tokenizer):
+    """With videos in the data (F > 1) every slot's visual block is the video length (the
+    training forward pads image visuals to it), also in a row of images."""
+    from .conftest import video_record
+
+    root = tmp_path / "images"
+    for i in range(6):
+        write_image(root / "vid" / f"{i:05d}.jpg", seed=i)
+    for i in range(3):
+        write_image(root / f"img{i}.jpg", seed=i)
+    rows = [image_record("img0.jpg"), image_record("img1.jpg"), video_record()]
+    rows.append(image_record("img2.jpg"))
+    jsonl = write_jsonl(tmp_path / "v.jsonl", rows)
+    cfg = PreprocessConfig(image_size=16, num_visual=5, num_visual_video=9, num_frames=4)
+    ds = _ds((str(jsonl), str(root)), tokenizer, cfg=cfg, num_epochs=1, shuffle=False,
+             augment=False, pack=True, pack_max=2, batch_size=1, seq_bucket=[250])  # fmt: skip
+    batches = list(ds)
+    assert [b.record_index[0].tolist() for b in batches] == [[0, 1], [2, 3]]
+    for b in batches:
+        assert b.pixels.shape == (1, 2, 4, 16, 16, 3)
+        second = b.is_visual[0] & (b.segment_ids[0] == 2)
+        assert b.visual_index[0][second].min() == 9  # slot 1 starts at the video block
+    assert batches[1].is_video.tolist() == [[True, False]]
+    assert batches[1].num_visual.tolist() == [[9, 5]]
