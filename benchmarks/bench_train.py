@@ -28,7 +28,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -202,6 +201,23 @@ def bench_torch(size: str, batches: list[int], args) -> list[dict]:
     return out
 
 
+def _read_peer_cache(path: str, args, batches: list[int]) -> dict | None:
+    """The cached peer records for this run's models and batches (None: run the peer)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        d = json.load(f)
+    if d.get("seq") != args.seq:
+        raise SystemExit(f"--peer-cache {path}: seq {d.get('seq')} != --seq {args.seq}")
+    want = {(m, b) for m in args.models.split(",") for b in batches}
+    recs = [{**r, "peer_cache": path} for r in d["results"]
+            if r.get("impl") == "torch" and (r["model"], r["batch"]) in want]  # fmt: skip
+    missing = want - {(r["model"], r["batch"]) for r in recs}
+    if missing:
+        raise SystemExit(f"--peer-cache {path} has no peer figures for {sorted(missing)}")
+    return {**d, "results": recs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -213,11 +229,22 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", action="store_true", help="scan the LLM layers")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument(
+        "--peer-cache", metavar="FILE",
+        help="reuse the PyTorch peer's figures from FILE (JSON of an earlier run on the same "
+        "card kind, e.g. benchmarks/peer_train_h200.json) instead of running the peer; the "
+        "output says so. FILE absent: the peer runs and its figures are written there",
+    )  # fmt: skip
+    ap.add_argument(
+        "--mem-fraction", type=float, default=0.85,
+        help="XLA_PYTHON_CLIENT_MEM_FRACTION for pam-jax (the peer runs before JAX allocates)",
+    )  # fmt: skip
     ap.add_argument("--peer-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the micro PAM (smoke test)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", help="write all results as JSON here")
     args = ap.parse_args(argv)
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.mem_fraction)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
     batches = [int(x) for x in args.batches.split(",")]
@@ -232,7 +259,10 @@ def main(argv=None) -> int:
         print("PEER " + json.dumps(res["results"]), flush=True)
         return 0
     peer = []
-    if not args.no_peer and not args.tiny:  # first, before JAX reserves the GPU's memory
+    cached = _read_peer_cache(args.peer_cache, args, batches) if args.peer_cache else None
+    if cached is not None:
+        peer = cached["results"]
+    elif not args.no_peer and not args.tiny:  # first, before JAX reserves the GPU's memory
         import subprocess
 
         cmd = [
@@ -262,6 +292,22 @@ def main(argv=None) -> int:
         _LIMITS["lim"] = card_limits()
         res["card"] = _LIMITS["lim"].as_dict()
         print(_LIMITS["lim"].line(), flush=True)
+    if cached is not None:
+        card = res.get("card", {}).get("name", "cpu" if args.cpu else "?")
+        if cached["card"]["name"] != card:
+            print(f"--peer-cache {args.peer_cache} is from {cached['card']['name']}, this card "
+                  f"is {card}: run without it", file=sys.stderr)  # fmt: skip
+            return 2
+        print(f"peer: NOT run in this run; its figures are reused from {args.peer_cache} "
+              f"({cached.get('source', 'an earlier run')}), MFU recomputed against this run's "
+              "card", flush=True)  # fmt: skip
+        res["peer_cache"] = args.peer_cache
+    elif args.peer_cache and peer:
+        with open(args.peer_cache, "w") as f:
+            card = res.get("card", {"name": "cpu", "platform": "cpu"})
+            src = "bench_train.py " + " ".join(sys.argv[1:])
+            d = {"source": src, "card": card, "seq": args.seq, "steps": args.steps}
+            json.dump({**d, "results": peer}, f, indent=2)
     for rec in peer:
         if "step_s" in rec:
             rec.update(_mfu(rec["model_tflop_per_step"] * 1e12 / rec["step_s"], args))
