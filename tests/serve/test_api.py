@@ -64,11 +64,13 @@ def test_segment_and_describe_equal_the_python_api(live, engine, sample):
 
 
 def test_concurrent_requests_equal_each_alone(live, sample):
-    """16 requests at once (16 different regions) are batched into shared generations and each
-    answer equals the same request made alone."""
+    """16 requests at once (16 different regions, four tasks: prompts of different lengths in
+    one batch, two languages) are batched into shared generations and each answer equals the
+    same request made alone."""
+    tasks = ("recognize", "explain", "brief_caption", "detailed_caption")
     docs = [
         {"image_id": sample["image_id"], "points": [[20.0 + 28 * i, 40.0 + 17 * i]],
-         "labels": [1], "task": "recognize"}
+         "labels": [1], "task": tasks[i % 4], "lang": ("en", "zh")[i // 8]}
         for i in range(16)
     ]  # fmt: skip
     alone = []
