@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--pack", type=int, default=0, help="pack up to N samples a row (0: off)")
-    p.add_argument("--seq-len", type=int, default=0, help="row length when packing")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="fixed row length, as the trainer pads (0: 64-multiples)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="smoke test: few small records")
     p.add_argument("--cpu", action="store_true", help="(accepted; the loader is host-only)")
     args = p.parse_args(argv)
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
         cfg = PreprocessConfig(
             image_size=args.image_size, num_frames=args.num_frames, num_visual=nv
         )
-        pack = dict(pack=True, pack_max=args.pack, seq_bucket=[args.seq_len]) if args.pack else {}
+        pack = dict(pack=True, pack_max=args.pack) if args.pack else {}
+        if args.seq_len:
+            pack["seq_bucket"] = [args.seq_len]
         ds = make_dataset(
             d / "ds",
             tokenizer=byte_tokenizer(),
@@ -163,10 +166,11 @@ def main(argv=None) -> int:
         for _ in range(args.warmup - 1):
             b = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
-        samples = 0
+        samples, real = 0, 0
         for _ in range(args.batches):
             b = next(it)
             samples += int((b.record_index >= 0).sum())
+            real += int(b.mask.sum())
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         log(f"timed {args.batches} batches in {dt:.1f} s")
         n = samples
@@ -189,6 +193,8 @@ def main(argv=None) -> int:
             "first_batch_s": round(first_s, 1),
             "pack_max": args.pack,
             "samples_per_batch": round(n / args.batches, 2),
+            # non-padding share of the LLM positions (what packing raises)
+            "fill": round(real / (args.batches * b.mask.size), 3),
             "seq_len": int(b.text_ids.shape[1]),
             "batch_mb": round(sum(v.nbytes for v in vars(b).values()) / 2**20, 1),
             "prepare_records_per_s": round(rep["written"] / prep_s, 1),
