@@ -260,3 +260,17 @@ def test_packed_videos_and_images_take_the_video_block(tmp_path, tokenizer):
         assert b.visual_index[0][second].min() == 9  # slot 1 starts at the video block
     assert batches[1].is_video.tolist() == [[True, False]]
     assert batches[1].num_visual.tolist() == [[9, 5]]
+
+
+def test_train_config_pack_keys():
+    from pam_jax.training.config import ConfigError, TrainConfig, apply_overrides
+
+    base = TrainConfig(model="models/micro-pam.json", data="data/ds")
+    cfg = apply_overrides(base, ["pack=true", "pack_max=3", "seq_len=1024"]).validate()
+    assert cfg.pack and cfg.pack_max == 3
+    with pytest.raises(ConfigError, match="pack=true needs seq_len"):
+        base.replace(pack=True).validate()
+    with pytest.raises(ConfigError, match="pack=true needs seq_len"):
+        base.replace(pack=True, seq_len=1024, data="synthetic").validate()
+    with pytest.raises(ConfigError, match="pack_max must be >= 1"):
+        base.replace(pack_max=0).validate()
