@@ -55,6 +55,7 @@ def _run(tmp_path, monkeypatch, steps: int, resume: bool = False):
     return tmp_path / "w"
 
 
+@pytest.mark.heavy  # two micro runs + the validation step compile: minutes on 2 cores
 def test_best_by_validation_is_kept_beyond_keep(tmp_path, monkeypatch, scripted_validation):
     wd = _run(tmp_path, monkeypatch, steps=6)
     assert len(scripted_validation) == 6

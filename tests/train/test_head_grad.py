@@ -137,3 +137,23 @@ def test_head_weight_is_not_stacked_per_chunk():
     head = cfg.vocab_size * cfg.hidden_size * 4
     tmp = comp.memory_analysis().temp_size_in_bytes
     assert tmp < 6 * head, (tmp, head)
+
+
+def test_per_source_losses_split_the_total():
+    """Mixture logs: each source's (NLL sum, tokens) equals the loss over that source's rows
+    alone, and the sources add up to the batch's total (float32, 1e-5 relative)."""
+    from pam_jax.training.loss import source_loss_sums
+
+    model = _model(True)
+    hidden, labels = _data(model.cfg.hidden_size)
+    src = jnp.asarray([[1], [0], [1]])  # [B, 1]: one source per row
+    nll, n = source_loss_sums(model, hidden, labels, src, 2, chunk=8)
+    total, total_n = lm_loss_sums(model, hidden, labels, chunk=8)
+    for i in range(2):
+        rows = np.flatnonzero(np.asarray(src)[:, 0] == i)
+        want, want_n = lm_loss_sums(model, hidden[rows], labels[rows], chunk=8)
+        np.testing.assert_allclose(float(nll[i]), float(want), rtol=1e-5)
+        assert float(n[i]) == int(want_n)
+    np.testing.assert_allclose(float(nll.sum()), float(total), rtol=1e-5)
+    assert float(n.sum()) == int(total_n) > 0
+    assert source_loss_sums(model, hidden, labels, src, 1, chunk=8) is None  # one source: none
