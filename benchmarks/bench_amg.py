@@ -255,11 +255,17 @@ def main(argv=None) -> int:
 
     import jax
 
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hw import card_limits  # benchmarks/hw.py: the card's limits, measured in this run
+
+    lim = card_limits(small=args.tiny)
+    print(json.dumps({"card": lim.as_dict()}), flush=True)
+    print(lim.line(), flush=True)
     print(f"device: {jax.devices()[0].device_kind}; SAM 2.1-{args.size} at {args.image_size}, "
           f"{args.points_per_side}^2 points, images {args.image_hw}")  # fmt: skip
     settings = {"default": {}, "loose": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
     settings = {k: settings[k] for k in args.settings.split(",")}
-    res = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
+    res = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "card": lim.as_dict()}
     res["masks"] = m = bench_masks(args, settings)
     if m["torchvision_nms_port"]:
         print("note: torchvision's compiled nms is unavailable; the official generator ran with "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 
 import numpy as np
@@ -52,6 +53,23 @@ def _weight_bytes(cfg, itemsize=2) -> int:
 
 def _kv_bytes(cfg, batch, ctx, itemsize=2) -> int:
     return 2 * cfg.num_hidden_layers * batch * ctx * cfg.kv_dim * itemsize
+
+
+def decode_step_bytes(cfg, batch: int, ctx: int) -> int:
+    """Bytes one decode step must read at least: bf16 weights + the KV cache at `ctx` tokens."""
+    return _weight_bytes(cfg) + _kv_bytes(cfg, batch, ctx)
+
+
+def prefill_flops(cfg, batch: int, tokens: int) -> float:
+    """Matmul FLOPs of a causal prefill: 2 x non-embedding parameters x tokens, plus QK^T and PV
+    over the causal half (2 x 2 x T^2 / 2 x hidden per layer); the logits of the last token."""
+    from pam_jax.llm.weights import expected_params
+
+    params = expected_params(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size
+    dense = sum(int(np.prod(s)) for s in params.values()) - embed * (2 - cfg.tie_word_embeddings)
+    per_row = 2 * dense * tokens + 2 * cfg.num_hidden_layers * tokens**2 * cfg.hidden_size
+    return float(batch * (per_row + 2 * embed))
 
 
 def _median_time(fn, reps):
@@ -91,24 +109,15 @@ def bench_jax(cfg, batch, prompt, new, reps, dtype_name):
 
 
 def _import_hf():
-    """transformers' Qwen2; works around a torchvision wheel built for another torch (its
-    import fails on missing op schemas, which breaks `import transformers` models)."""
-    import sys
+    """transformers' Qwen2, after `tests/torch_ref.tv_shim` (the one torchvision work-around:
+    a torchvision wheel built for another torch fails to import, which breaks transformers)."""
+    from pathlib import Path
 
-    import torch
+    # appended: tests/sam2 must not shadow the official sam2 package
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+    from torch_ref import tv_shim
 
-    try:
-        import torchvision  # noqa: F401
-    except (RuntimeError, ImportError):
-        for k in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[k]
-        try:
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _import_hf.lib = lib
-        except RuntimeError:
-            pass
+    tv_shim()
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return Qwen2Config, Qwen2ForCausalLM
@@ -194,11 +203,10 @@ def main(argv=None) -> int:
     )
     rows = []
     for name, cfg in cfgs.items():
-        wbytes = _weight_bytes(cfg)
         for b in map(int, a.batches.split(",")):
-            kv = _kv_bytes(cfg, b, prompt + new // 2)
-            floor = (wbytes + kv) / bw
-            sheet = (wbytes + kv) / lim.datasheet_bytes_s if lim.datasheet_bytes_s else None
+            step_bytes = decode_step_bytes(cfg, b, prompt + new // 2)
+            floor = step_bytes / bw
+            sheet = step_bytes / lim.datasheet_bytes_s if lim.datasheet_bytes_s else None
             jp, jd = bench_jax(cfg, b, prompt, new, a.reps, a.dtype)
             row = dict(
                 size=name,

@@ -6,7 +6,10 @@
 Both sides get random weights at the real configs and run in bf16 (pam-jax: bf16 parameters and
 activations, float32 softmax / norm statistics; official: `torch.autocast(bfloat16)` as its
 notebooks do). The official code needs `sam2`, `hydra`, `omegaconf`, `iopath` on PYTHONPATH.
-Prints one JSON line per measurement and a table at the end.
+Prints the card's limits (`benchmarks/hw.py`, measured in this run), one JSON line per
+measurement and a table at the end: the analytic FLOPs against the measured bf16 matmul rate and
+the datasheet, and XLA's bytes-accessed estimate of the compiled program against the measured
+copy bandwidth and the datasheet (how memory-bound the encoder is).
 """
 
 from __future__ import annotations
@@ -82,11 +85,12 @@ def bench_jax(cfg, batch: int, dtype_name: str, rep: int) -> dict:
     # fresh random input per rotation slot so nothing is served from cache
     xs = [jax.random.normal(jax.random.key(i), (batch, s, s, 3), dtype) for i in range(2)]
     compiled = fwd.lower(state, xs[0]).compile()
-    flops = None
+    flops = nbytes = None
     try:
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
         flops = float(ca.get("flops", 0.0)) or None
+        nbytes = float(ca.get("bytes accessed", 0.0)) or None
     except Exception:  # cost analysis is best effort
         pass
     i = [0]
@@ -96,7 +100,7 @@ def bench_jax(cfg, batch: int, dtype_name: str, rep: int) -> dict:
         jax.block_until_ready(compiled(state, xs[i[0]]))
 
     t = _median_time(run, rep=rep)
-    return {"s": t, "flops": flops}
+    return {"s": t, "flops": flops, "bytes": nbytes}
 
 
 def bench_torch(cfg_name: str, batch: int, size: int, rep: int, device: str) -> dict:
@@ -156,6 +160,11 @@ def main(argv=None) -> int:
             row["frac_measured_peak"] = flops / r["s"] / lim.matmul_flops
             if lim.datasheet_flops:
                 row["frac_datasheet_peak"] = flops / r["s"] / lim.datasheet_flops
+            if r["bytes"]:  # XLA's count of HBM traffic of the compiled program (its fusions)
+                row["xla_gb_per_call"] = r["bytes"] / 1e9
+                row["frac_measured_bw"] = r["bytes"] / r["s"] / lim.copy_bytes_s
+                if lim.datasheet_bytes_s:
+                    row["frac_datasheet_bw"] = r["bytes"] / r["s"] / lim.datasheet_bytes_s
             if not args.no_peer:
                 try:
                     p = bench_torch(cfg.name, b, args.image_size, args.rep, device)
@@ -165,7 +174,8 @@ def main(argv=None) -> int:
                     row["torch_error"] = f"{type(e).__name__}: {e}"[:200]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    head = ("model", "batch", "pam-jax img/s", "official img/s", "ratio", "of meas.", "of sheet")
+    head = ("model", "batch", "pam-jax img/s", "official img/s", "ratio", "FLOP/meas.",
+            "FLOP/sheet", "bytes/meas.", "bytes/sheet")  # fmt: skip
     print("\n" + "".join(f"{h:>16}" for h in head))
     nan = float("nan")
     for r in rows:
@@ -175,6 +185,8 @@ def main(argv=None) -> int:
             + "".join(f"{v:>16.2f}" for v in vals)
             + f"{r.get('frac_measured_peak', nan):>16.1%}"
             + f"{r.get('frac_datasheet_peak', nan):>16.1%}"
+            + f"{r.get('frac_measured_bw', nan):>16.1%}"
+            + f"{r.get('frac_datasheet_bw', nan):>16.1%}"
         )
     return 0
 

@@ -9,6 +9,14 @@ get one box on frame 0 (`add_new_points_or_box`) and track it through the clip
 frames/s the official README quotes, ~24 frames/s for Hiera-L on an H100 under bf16 autocast),
 after one untimed warm-up pass (compilation / cudnn autotuning); median of `--rep` passes.
 
+`--prefetch 1,8` times pam-jax once per value in the same run (`SAM2VideoPredictor(prefetch=K)`:
+K upcoming frames through the image encoder in one batched call; 1 = one frame per step), for a
+side-by-side A/B. The card's limits are measured first (`benchmarks/hw.py`), and each pam-jax
+figure is also given as the image encoder's FLOPs per frame (`bench_sam2.encoder_flops`) x frames/s
+against the card's measured bf16 matmul rate and its datasheet: the share of the card's FLOP rate
+the encoder alone would use, a lower bound on the step's (memory attention and the decoder add
+to it).
+
 pam-jax runs with bf16 parameters and activations (float32 softmax / norm statistics / mask
 logits); the official code runs `torch.autocast(bfloat16)` as its notebooks do. Both use random
 weights at the real config (no downloads). The official code needs `sam2`, `hydra`, `omegaconf`,
@@ -26,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_sam2 import encoder_flops
+from hw import card_limits  # benchmarks/hw.py: the card's limits, measured in this run
 
 
 def write_clip(folder: Path, n: int, h: int, w: int) -> None:
@@ -48,7 +58,7 @@ def _median(fn, rep: int) -> float:
     return statistics.median(ts)
 
 
-def bench_jax(cfg, frames: Path, box, dtype_name: str, rep: int) -> dict:
+def bench_jax(cfg, frames: Path, box, dtype_name: str, rep: int, prefetch: list) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -60,19 +70,25 @@ def bench_jax(cfg, frames: Path, box, dtype_name: str, rep: int) -> dict:
     model = SAM2Base(cfg, rngs=nnx.Rngs(0), dtype=dtype)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), params))  # bf16 weights
-    pred = SAM2VideoPredictor(model)
-    t = time.perf_counter()
-    state = pred.init_state(frames)
-    load_s = time.perf_counter() - t
-    n = state.num_frames
+    out = []
+    for k in prefetch:
+        pred = SAM2VideoPredictor(model, prefetch=k)
+        t = time.perf_counter()
+        state = pred.init_state(frames)
+        load_s = time.perf_counter() - t
+        n = state.num_frames
 
-    def run():
-        pred.reset_state(state)
-        pred.add_new_points_or_box(state, 0, 1, box=box)
-        for _, _, m in pred.propagate_in_video(state):
-            assert m.shape[0] == 1  # host numpy array: the frame is done
+        def run(pred=pred, state=state):
+            pred.reset_state(state)
+            pred.add_new_points_or_box(state, 0, 1, box=box)
+            for _, _, m in pred.propagate_in_video(state):
+                assert m.shape[0] == 1  # host numpy array: the frame is done
 
-    return {"s": _median(run, rep), "frames": n, "load_s": load_s}
+        out.append(
+            {"s": _median(run, rep), "frames": n, "load_s": load_s, "prefetch": pred.prefetch}
+        )
+        state = pred = None
+    return out
 
 
 def bench_torch(cfg_name: str, image_size: int, frames: Path, box, rep: int, device: str) -> dict:
@@ -115,6 +131,11 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--rep", type=int, default=3)
+    ap.add_argument(
+        "--prefetch", default=None,
+        help="comma list of frames encoded ahead per batched call, one pam-jax run each "
+        "(default: the predictor's default)",
+    )  # fmt: skip
     ap.add_argument("--no-peer", action="store_true", help="skip the official PyTorch code")
     ap.add_argument("--tiny", action="store_true", help="tiny model, 256^2, 6 small frames")
     ap.add_argument("--cpu", action="store_true")
@@ -126,33 +147,57 @@ def main(argv=None) -> int:
 
     from pam_jax.sam2.config import sam2_config
 
+    try:
+        prefetch = [None] if args.prefetch is None else [int(k) for k in args.prefetch.split(",")]
+    except ValueError:
+        ap.error(f"--prefetch takes a comma list of whole numbers, got {args.prefetch!r}")
     cfg = sam2_config(args.size, args.version, args.image_size)
     device = "cpu" if args.cpu else "cuda"
+    lim = card_limits(small=args.tiny)
+    print(json.dumps({"card": lim.as_dict()}), flush=True)
+    print(lim.line(), flush=True)
+    enc = encoder_flops(cfg)
     h, w = args.height, args.width
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
+    rows, peer = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         frames = Path(tmp) / "frames"
         write_clip(frames, args.frames, h, w)
-        r = bench_jax(cfg, frames, box, args.dtype, args.rep)
-        row = {
-            "model": cfg.name, "image_size": args.image_size, "frames": r["frames"],
-            "video": f"{w}x{h}", "dtype": args.dtype, "jax_fps": r["frames"] / r["s"],
-            "jax_load_s": r["load_s"],
-        }  # fmt: skip
+        for r in bench_jax(cfg, frames, box, args.dtype, args.rep, prefetch):
+            fps = r["frames"] / r["s"]
+            row = {
+                "model": cfg.name, "image_size": args.image_size, "frames": r["frames"],
+                "video": f"{w}x{h}", "dtype": args.dtype, "prefetch": r["prefetch"],
+                "jax_fps": fps, "jax_load_s": r["load_s"], "card": lim.name,
+                "encoder_tflop_per_frame": enc / 1e12,
+                "encoder_frac_measured_peak": enc * fps / lim.matmul_flops,
+                "encoder_frac_datasheet_peak": (
+                    enc * fps / lim.datasheet_flops if lim.datasheet_flops else None
+                ),
+            }  # fmt: skip
+            rows.append(row)
         if not args.no_peer:
             try:
                 p = bench_torch(cfg.name, args.image_size, frames, box, args.rep, device)
-                row["torch_fps"] = p["frames"] / p["s"]
-                row["torch_load_s"] = p["load_s"]
-                row["ratio"] = row["jax_fps"] / row["torch_fps"]
+                peer = {"torch_fps": p["frames"] / p["s"], "torch_load_s": p["load_s"]}
             except Exception as e:  # report, keep going
-                row["torch_error"] = f"{type(e).__name__}: {e}"[:300]
-    print(json.dumps(row), flush=True)
-    print(f"\n{'model':<18}{'frames':>7}{'pam-jax fps':>13}{'official fps':>14}{'ratio':>8}")
-    print(
-        f"{row['model']:<18}{row['frames']:>7}{row['jax_fps']:>13.2f}"
-        f"{row.get('torch_fps', float('nan')):>14.2f}{row.get('ratio', float('nan')):>8.2f}"
-    )
+                peer = {"torch_error": f"{type(e).__name__}: {e}"[:300]}
+    nan = float("nan")
+    for row in rows:
+        row |= peer
+        if "torch_fps" in peer:
+            row["ratio"] = row["jax_fps"] / peer["torch_fps"]
+        print(json.dumps(row), flush=True)
+    head = ("model", "frames", "prefetch", "pam-jax fps", "official fps", "ratio", "enc/meas.",
+            "enc/sheet")  # fmt: skip
+    print("\n" + "".join(f"{x:>14}" for x in head))
+    for row in rows:
+        print(
+            f"{row['model']:>14}{row['frames']:>14}{row['prefetch']:>14}{row['jax_fps']:>14.2f}"
+            f"{row.get('torch_fps', nan):>14.2f}{row.get('ratio', nan):>14.2f}"
+            f"{row['encoder_frac_measured_peak']:>14.1%}"
+            f"{row['encoder_frac_datasheet_peak'] or nan:>14.1%}"
+        )
     return 0
 
 

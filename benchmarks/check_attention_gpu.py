@@ -10,8 +10,10 @@ gradients of sum(out * w) w.r.t. q, k, v are compared at valid positions. Tolera
 take bf16 inputs and accumulate in float32 but round P and the output to bf16 at different
 points, so agreement is ~1 bf16 ulp of O(1) values: max |diff| <= 2e-2 on outputs and
 5e-2 * max|grad| on gradients. Also a whole Qwen2 training forward (2 tiny layers,
-`hidden_states_train`) with attention="cudnn" vs "chunked". Prints one JSON line per check,
-with forward+backward times of both paths; exits 1 if any check fails.
+`hidden_states_train`) with attention="cudnn" vs "chunked". Prints the card's limits
+(`benchmarks/hw.py`, measured in this run), then one JSON line per check, with forward+backward
+times of both paths and the fused path's causal attention FLOPs against the card's measured bf16
+matmul rate and datasheet; exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from hw import card_limits  # benchmarks/hw.py: the card's limits, measured in this run
 
 
 def _time(f, *args, reps: int = 5) -> float:
@@ -34,7 +37,7 @@ def _time(f, *args, reps: int = 5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def check_kernel(b: int, t: int, h: int, kv: int, d: int, ref_impl: str, dtype) -> dict:
+def check_kernel(b: int, t: int, h: int, kv: int, d: int, ref_impl: str, dtype, lim) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -63,10 +66,17 @@ def check_kernel(b: int, t: int, h: int, kv: int, d: int, ref_impl: str, dtype) 
         for a, c in zip(g1, g2)
     ]
     ok = out_err <= 2e-2 and max(grad_err) <= 5e-2
+    s_fast = _time(fast, q, k, v)
+    # causal: forward QK^T + PV over half the T^2 pairs = 2 b h T^2 d; backward 2.5x that
+    tflop = 7 * b * h * t * t * d / 1e12
     return dict(
         check="kernel", impl=ref_impl, batch=b, length=t, out_max_abs_err=out_err,
-        grad_max_rel_err=grad_err, ok=ok, s_fwd_bwd=_time(fast, q, k, v),
-        s_fwd_bwd_chunked=_time(chunked, q, k, v),
+        grad_max_rel_err=grad_err, ok=ok, s_fwd_bwd=s_fast,
+        s_fwd_bwd_chunked=_time(chunked, q, k, v), fwd_bwd_tflop=tflop,
+        frac_measured_peak=tflop * 1e12 / s_fast / lim.matmul_flops,
+        frac_datasheet_peak=(
+            tflop * 1e12 / s_fast / lim.datasheet_flops if lim.datasheet_flops else None
+        ),
     )  # fmt: skip
 
 
@@ -116,9 +126,12 @@ def main() -> int:
             return 2
         impl, dtype = "cudnn", jnp.bfloat16
         shapes = [(2, int(n), 16, 2, 128) for n in args.lengths.split(",")]
+    lim = card_limits(small=args.cpu)
+    print(json.dumps({"card": lim.as_dict()}), flush=True)
+    print(lim.line(), flush=True)
     ok = True
     for shape in shapes:
-        r = check_kernel(*shape, impl, dtype)
+        r = check_kernel(*shape, impl, dtype, lim)
         print(json.dumps(r), flush=True)
         ok &= r["ok"]
     r = check_model(impl, dtype)

@@ -8,6 +8,8 @@ Qwen2.5-3B with random bf16 weights, 1085 input embeddings (PAM's image prompt, 
 setting generates the same 128 tokens; prefill does not depend on the setting, so per-step time
 = (generate(128) - generate(1)) / 127. The settings are patched in (`qwen2._decode_splits`,
 `qwen2._use_pallas`, the Pallas `gqa` keywords; all read at trace time, caches cleared between).
+Each step is also given against the bandwidth floor (bf16 weights + the cache at the mean context,
+over the copy bandwidth measured in this run by `benchmarks/hw.py`, and over the datasheet's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import functools
 import time
 
 import numpy as np
+from bench_llm import decode_step_bytes
+from hw import card_limits  # benchmarks/hw.py: the card's limits, measured in this run
 
 # (name, (k_splits, block_k) or None for the default rule, gqa keywords, XLA attention)
 SETTINGS = [
@@ -66,6 +70,8 @@ def main(argv=None) -> int:
         qwen2.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     )
     auto_splits, auto_use, gqa = qwen2._decode_splits, qwen2._use_pallas, da.gqa
+    lim = card_limits()
+    print(lim.line(), flush=True)
     print(f"{jax.devices()[0].device_kind}; default for 1280 slots: {auto_splits(1280)}")
     for b in (int(x) for x in args.batches.split(",")):
         emb = jax.random.normal(jax.random.key(0), (b, 1085, cfg.hidden_size), jnp.bfloat16)
@@ -89,8 +95,12 @@ def main(argv=None) -> int:
                 print(f"batch {b} {name}: failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             step = (tn - t1) / 127 * 1e3
+            floor = decode_step_bytes(cfg, b, 1085 + 64) / lim.copy_bytes_s * 1e3
+            sheet = (decode_step_bytes(cfg, b, 1085 + 64) / lim.datasheet_bytes_s * 1e3
+                     if lim.datasheet_bytes_s else float("nan"))  # fmt: skip
             print(f"batch {b} {name}: {step:.3f} ms/step (generate {tn * 1e3:.1f} ms, "
-                  f"prefill {t1 * 1e3:.1f} ms)", flush=True)  # fmt: skip
+                  f"prefill {t1 * 1e3:.1f} ms; {floor / step:.1%} / {sheet / step:.1%} of the "
+                  "measured / datasheet bandwidth floor)", flush=True)  # fmt: skip
         qwen2._decode_splits, qwen2._use_pallas, da.gqa = auto_splits, auto_use, gqa
         jax.clear_caches()
     return 0

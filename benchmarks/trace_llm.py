@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from hw import card_limits  # benchmarks/hw.py: the card's limits
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     def run(n):
         return generate(model, inputs_embeds=emb, max_new_tokens=n, buckets=LLM_BUCKETS)
 
+    print(card_limits().line(), flush=True)  # the card, measured outside the trace
     run(1), run(args.new)  # compile outside the trace
     with jax.profiler.trace(args.out):
         run(1)  # prefill + first token

@@ -73,13 +73,21 @@ from pam_jax.sam2.video_state import (
 
 __all__ = ["InferenceState", "SAM2VideoPredictor", "StreamingTracker"]
 
+# Frames whose image features `propagate_in_video` computes in one batched encoder call ahead of
+# tracking them (the encoder does not depend on memory; at batch 8 Hiera-L runs 1.7x the images/s
+# of batch 1 on an H200). 1 = one frame per step, backbone and tracking in one call. Off until
+# measured side by side on the GPU (`benchmarks/bench_sam2_video.py --prefetch 1,8`);
+# $PAM_JAX_VIDEO_PREFETCH overrides the default.
+DEFAULT_PREFETCH = 1
+
 # ---------------------------------------------------------------------------------------------
 # jitted kernels over a prepared model (pam_jax.prepared: split and hashed once)
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _features(structure, leaves, image_u8: jax.Array) -> FrameFeatures:
-    return merge(structure, leaves).frame_features(normalize_device(image_u8)[None])
+def _features(structure, leaves, images_u8: jax.Array) -> FrameFeatures:
+    """uint8 frames [N, S, S, 3] -> their features (N = 1, or a prefetched run of frames)."""
+    return merge(structure, leaves).frame_features(normalize_device(images_u8))
 
 
 @partial(jax.jit, static_argnames=("structure",))
@@ -93,18 +101,36 @@ def _prompt_step(
     return model.track_step(feats, prompts, bank, frame_idx, num_frames, reverse).lean()
 
 
-@partial(jax.jit, static_argnames=("structure", "video_hw"))
-def _propagate_step(
-    structure, leaves, image_u8, slots: BankSlots, frame_idx, num_frames, reverse, *, video_hw
-) -> tuple[StepOutput, jax.Array]:
-    """Backbone + memory-conditioned tracking of all objects + video-res masks, one call."""
-    model = merge(structure, leaves)
-    feats = model.frame_features(normalize_device(image_u8)[None])
+def _track(
+    model: SAM2Base, feats: FrameFeatures, slots: BankSlots, frame_idx, num_frames, reverse,
+    video_hw: tuple[int, int],
+) -> tuple[StepOutput, jax.Array]:  # fmt: skip
+    """Memory-conditioned tracking of all objects on one frame + its video-res masks."""
     prompts = StepPrompts.tracking(slots.cond.frames.shape[0])
     out = model.track_step(
         feats, prompts, slots.to_bank(), frame_idx, num_frames, reverse, encode=True
     ).lean()
     return out, resize_bilinear(out.pred_masks, video_hw, False, axes=(-2, -1))
+
+
+@partial(jax.jit, static_argnames=("structure", "video_hw"))
+def _propagate_step(
+    structure, leaves, image_u8, slots: BankSlots, frame_idx, num_frames, reverse, *, video_hw
+) -> tuple[StepOutput, jax.Array]:
+    """Backbone + tracking of one frame, one call (`prefetch=1`)."""
+    model = merge(structure, leaves)
+    feats = model.frame_features(normalize_device(image_u8)[None])
+    return _track(model, feats, slots, frame_idx, num_frames, reverse, video_hw)
+
+
+@partial(jax.jit, static_argnames=("structure", "video_hw"))
+def _propagate_prefetched(
+    structure, leaves, feats: FrameFeatures, j, slots: BankSlots, frame_idx, num_frames, reverse,
+    *, video_hw,
+) -> tuple[StepOutput, jax.Array]:  # fmt: skip
+    """Tracking of frame `j` of features computed ahead for a run of frames (`prefetch>1`)."""
+    one = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, j, 1), feats)
+    return _track(merge(structure, leaves), one, slots, frame_idx, num_frames, reverse, video_hw)
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -132,11 +158,14 @@ class SAM2VideoPredictor:
     `num_recent` / `num_ptrs` are fixed by the official eval settings (num_maskmem - 1 = 6 memories,
     max_obj_ptrs_in_encoder - 1 = 15 non-conditioning pointers, temporal stride 1). The model's
     parameters are read at construction; `set_model` points the predictor at new ones.
+    `prefetch` > 1: `propagate_in_video` encodes that many upcoming frames in one batched call
+    (default `DEFAULT_PREFETCH`, or $PAM_JAX_VIDEO_PREFETCH); the results are the same.
     """
 
-    def __init__(self, model: SAM2Base):
+    def __init__(self, model: SAM2Base, prefetch: int | None = None):
         self.config = model.config
         self.image_size = model.image_size
+        self.prefetch = _prefetch_frames(prefetch)
         self.set_model(model)
         cfg = self.config
         self.num_recent = cfg.num_maskmem - 1
@@ -185,7 +214,7 @@ class SAM2VideoPredictor:
         feats = state.cached_features.get(frame_idx)
         if feats is None:
             p = self._prep
-            feats = _features(p.structure, p.leaves, state.images.frames_u8[frame_idx])
+            feats = _features(p.structure, p.leaves, state.images.frames_u8[frame_idx][None])
             state.cached_features = {frame_idx: feats}  # the most recent frame, as official
         return feats
 
@@ -421,16 +450,28 @@ class SAM2VideoPredictor:
             order = range(start_frame_idx, end + 1)
         hw = (state.video_height, state.video_width)
         all_objs = list(range(n))
-        for f in order:
+        p = self._prep
+        ahead: dict[int, int] = {}  # frame -> its row in `feats`, the prefetched features
+        feats = None
+        for i, f in enumerate(order):
             is_cond = np.array([f in obj.cond for obj in objs])
             if is_cond.all():
                 video = _video_res(jnp.stack([obj.cond[f].pred_masks for obj in objs]), video_hw=hw)
             else:
                 slots = self._lookup.slots(state, all_objs, f, reverse)
-                out, video = _propagate_step(
-                    self._prep.structure, self._prep.leaves, state.images.frames_u8[f], slots,
-                    np.int32(f), np.int32(num_frames), np.bool_(reverse), video_hw=hw,
-                )  # fmt: skip
+                step = (np.int32(f), np.int32(num_frames), np.bool_(reverse))
+                if self.prefetch == 1:
+                    out, video = _propagate_step(
+                        p.structure, p.leaves, state.images.frames_u8[f], slots, *step, video_hw=hw
+                    )
+                else:
+                    if f not in ahead:
+                        ahead, feats = self._prefetch(state, order[i:]), None
+                        rows = list(ahead) + [f] * (pow2_bucket(len(ahead)) - len(ahead))
+                        feats = _features(p.structure, p.leaves, state.images.frames_u8[rows])
+                    out, video = _propagate_prefetched(
+                        p.structure, p.leaves, feats, np.int32(ahead[f]), slots, *step, video_hw=hw
+                    )
                 state.non_cond[f] = FrameRows(
                     out.pred_masks, out.obj_ptr, out.object_score_logits, out.maskmem_features,
                     ~is_cond,
@@ -445,6 +486,17 @@ class SAM2VideoPredictor:
                 obj.frames_tracked[f] = reverse
             yield f, obj_ids, np.asarray(video)
 
+    def _prefetch(self, state: InferenceState, upcoming: range) -> dict[int, int]:
+        """The next `prefetch` frames of `upcoming` that need a step (not conditioning for every
+        object), as {frame: row}; padded by the caller to a power of two (few compiled shapes)."""
+        ahead: dict[int, int] = {}
+        for g in upcoming:
+            if not all(g in obj.cond for obj in state.objects):
+                ahead[g] = len(ahead)
+                if len(ahead) == self.prefetch:
+                    break
+        return ahead
+
     def get_object_scores(self, state: InferenceState, frame_idx: int) -> np.ndarray:
         """Object score logits [O] on a tracked or prompted frame (NaN where unknown)."""
         res = np.full(len(state.objects), np.nan, np.float32)
@@ -455,3 +507,17 @@ class SAM2VideoPredictor:
                     res[o] = float(np.asarray(out.score).reshape(-1)[0])
                     break
         return res
+
+
+def _prefetch_frames(prefetch: int | None) -> int:
+    """The `prefetch` argument, else $PAM_JAX_VIDEO_PREFETCH, else `DEFAULT_PREFETCH`."""
+    raw = prefetch if prefetch is not None else os.environ.get("PAM_JAX_VIDEO_PREFETCH")
+    if raw is None:
+        return DEFAULT_PREFETCH
+    try:
+        k = int(str(raw).strip())
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"video prefetch must be a whole number of frames >= 1, got {raw!r}")
+    return k
