@@ -71,18 +71,28 @@ def _run(args: argparse.Namespace) -> int:
     model = tok = None
     model_id = "predictions"
     penalty = 1.0
-    mesh = None
+    mesh = load = None
     if args.model is not None:
+        from pam_jax.checkpoint import read_model_config
         from pam_jax.evaluation.runner import local_mesh
-        from pam_jax.pam.model import load_pam
+        from pam_jax.llm.tokenizer import Tokenizer
         from pam_jax.training.distributed import maybe_initialize
 
         maybe_initialize()  # several processes (JAX_COORDINATOR_ADDRESS, ...): one shard each
         d = resolve_model_dir(args.model, args.step)
-        cliutil.status(f"loading {d} ...")
+        llm_dir = d / read_model_config(d, "pam").get("llm_dir", "llm")
+        # the tokenizer alone settles the run's settings: a refused or finished run never
+        # loads the model
+        tok = Tokenizer.from_dir(llm_dir) if (llm_dir / "tokenizer.json").is_file() else None
         mesh = local_mesh()  # every local device: batches data-parallel over them
-        model, _, tok = load_pam(d, dtype=cliutil.resolve_dtype(args.dtype), mesh=mesh)
         model_id = str(d.resolve())
+
+        def load():
+            from pam_jax.pam.model import load_pam
+
+            cliutil.status(f"loading {d} ...")
+            return load_pam(d, dtype=cliutil.resolve_dtype(args.dtype), mesh=mesh)[0]
+
     sampling = cliutil.sampling_from_args(args, tok)
     penalty = sampling.repetition_penalty
     decode = DecodeSettings(
@@ -96,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     flat = evaluate(
         cfg, args.out, model=model, tokenizer=tok, model_id=model_id,
-        predictions=args.predictions, force=args.force, mesh=mesh,
+        predictions=args.predictions, force=args.force, mesh=mesh, load_model=load,
     )  # fmt: skip
     shown = {k: v for k, v in flat.items() if isinstance(v, float) and k != "items_per_s"}
     print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()), f"n_items={flat['n_items']}",

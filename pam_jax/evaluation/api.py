@@ -197,8 +197,11 @@ def evaluate(
     force: bool = False,
     progress: bool = True,
     mesh: Any = "local",
+    load_model: Any = None,
 ) -> dict[str, Any]:
     """Run (model given) or score (`predictions` given) an evaluation into out_dir.
+    `load_model` (instead of `model`): a function returning the model, called only when some
+    item is left to predict (a finished run is scored without loading anything).
 
     Data parallel: `mesh` "local" = every local device on the `data` axis (`runner.local_mesh`;
     the model is placed on it, replicated, in place), a mesh of your own, or None (one device).
@@ -207,7 +210,7 @@ def evaluate(
     import jax
 
     from pam_jax.cliutil import RunFolder
-    from pam_jax.evaluation.runner import local_mesh, sync_processes
+    from pam_jax.evaluation.runner import local_mesh, pending, sync_processes
 
     loaded = load_items(cfg)
     tasks = sorted({it.task for it in loaded.items})
@@ -218,7 +221,7 @@ def evaluate(
         preds = read_predictions(predictions)
         settings["predictions"] = str(Path(predictions).resolve())
         return finish(cfg, loaded, preds, out, settings)
-    if model is None:
+    if model is None and load_model is None:
         raise EvalError("evaluate: give a model or a predictions file")
     cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(tokenizer))
     settings = _settings(cfg, model_id, tasks)
@@ -229,16 +232,23 @@ def evaluate(
         sync_processes("pam_jax_eval_folder")
     from pam_jax.pam.predictor import PAMPredictor
 
-    if mesh == "local":
-        mesh = local_mesh()
-    if mesh is not None:
-        from pam_jax.sharding import place
+    if model is None and (count > 1 or pending(loaded.items, out)):
+        model = load_model()
+    runner = None
+    if model is not None:
+        if mesh == "local":
+            mesh = local_mesh()
+        if mesh is not None:
+            from pam_jax.sharding import place
 
-        place(model, mesh)
-    pred = PAMPredictor(
-        model, tokenizer, sampling=cfg.decode.sampling(), max_new_tokens=cfg.decode.max_new_tokens
-    )
-    runner = Runner(pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed, mesh=mesh)
+            place(model, mesh)
+        pred = PAMPredictor(
+            model, tokenizer, sampling=cfg.decode.sampling(),
+            max_new_tokens=cfg.decode.max_new_tokens,
+        )  # fmt: skip
+        runner = Runner(
+            pred, batch_size=cfg.batch_size, lang=cfg.lang, seed=cfg.decode.seed, mesh=mesh
+        )
     stats = run_predictions(runner, loaded.items, out, progress=progress)
     if rank != 0:  # process 0 scores; the others return its metrics
         sync_processes("pam_jax_eval_scored")

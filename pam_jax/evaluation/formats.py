@@ -126,11 +126,11 @@ def decode_mask(spec: Any, hw: tuple[int, int]) -> np.ndarray:
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """bool [H, W] -> compressed COCO RLE {"size": [H, W], "counts": str}."""
-    from pycocotools import mask as mask_utils
+    """bool [H, W] -> compressed COCO RLE {"size": [H, W], "counts": str} (`cliutil.mask_rle`,
+    the commands' one encoder)."""
+    from pam_jax.cliutil import mask_rle
 
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+    return mask_rle(mask)
 
 
 # ---------------------------------------------------------------------------------------------

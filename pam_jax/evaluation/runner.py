@@ -122,7 +122,8 @@ def merge_parts(out_dir: Path, order: Sequence[str] = ()) -> dict[str, dict]:
     for f in [out_dir / PREDICTIONS, *part_files(out_dir)]:
         merged.update(read_predictions(f))
     known = [i for i in order if i in merged]
-    rest = [i for i in merged if i not in set(known)]
+    first = set(known)
+    rest = [i for i in merged if i not in first]
     tmp = out_dir / (PREDICTIONS + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(merged[i], ensure_ascii=False) + "\n" for i in known + rest))
@@ -132,6 +133,20 @@ def merge_parts(out_dir: Path, order: Sequence[str] = ()) -> dict[str, dict]:
     for f in part_files(out_dir):
         f.unlink()
     return merged
+
+
+def finished_ids(out_dir: Path) -> set[str]:
+    """Every id with a complete line in out_dir's predictions.jsonl or any part file."""
+    done: set[str] = set()
+    for f in [out_dir / PREDICTIONS, *part_files(out_dir)]:
+        done.update(read_predictions(f))
+    return done
+
+
+def pending(items: Sequence[Item], out_dir: str | os.PathLike) -> bool:
+    """Whether some item of `items` is not finished in out_dir (any process's file)."""
+    done = finished_ids(Path(out_dir))
+    return any(i not in done for it in items for i in it.prediction_ids())
 
 
 def process_shard(items: Sequence[Item], index: int, count: int) -> list[Item]:
@@ -415,7 +430,7 @@ def sync_processes(name: str) -> None:
 
 
 def run_predictions(
-    runner: Runner,
+    runner: Runner | None,
     items: Sequence[Item],
     out_dir: str | os.PathLike,
     *,
@@ -450,6 +465,8 @@ def run_predictions(
             done.update(read_predictions(f, repair=f == path))
     mine = process_shard(items, rank, count)
     todo = [it for it in mine if not all(i in done for i in it.prediction_ids())]
+    if todo and runner is None:
+        raise ValueError(f"{len(todo)} item(s) left to predict and no model to run")
     partial = {i for it in todo for i in it.prediction_ids() if i in done}
     if partial:  # a stream item cut between events: its events are redone together
         own = read_predictions(path)
@@ -464,7 +481,7 @@ def run_predictions(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="eval", unit="item", dynamic_ncols=True)
-        for k, lines in runner.predict(todo):
+        for k, lines in runner.predict(todo) if todo else ():
             writer.write(lines)
             n += k
             if progress:

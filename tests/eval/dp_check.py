@@ -42,6 +42,28 @@ def devices(data: Path, out: Path) -> None:
     print("OK", len(items))
 
 
+def gather(_data: Path, _out: Path) -> None:
+    import jax
+    import numpy as np
+
+    from pam_jax.evaluation.runner import Runner, _gather, local_mesh
+
+    mesh = local_mesh()
+    assert mesh is not None and mesh.shape["data"] == 8, mesh
+    runner = Runner(None, batch_size=3, mesh=mesh)
+    assert runner.rows == 8 and Runner(None, batch_size=9, mesh=mesh).rows == 16
+    flat = np.arange(4 * 5 * 2, dtype=np.float32).reshape(4, 5, 2)
+    index = np.asarray([2, 0, 3] + [2] * 5, np.int32)  # 3 rows, padded with the first
+    rows = runner._gather(flat, index)
+    assert runner._gather is _gather(mesh)  # one jitted gather per mesh
+    np.testing.assert_array_equal(np.asarray(rows), flat[index])
+    assert rows.sharding.spec[0] in ("data", ("data", "fsdp")), rows.sharding
+    assert len({s.device for s in rows.addressable_shards}) == 8
+    assert all(s.data.shape == (1, 5, 2) for s in rows.addressable_shards)
+    assert jax.local_device_count() == 8
+    print("OK gather")
+
+
 def process(data: Path, out: Path, coordinator: str, index: int, count: int) -> None:
     from pam_jax.training.distributed import maybe_initialize
 
@@ -63,5 +85,7 @@ if __name__ == "__main__":
     mode, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "devices":
         devices(data, out)
+    elif mode == "gather":
+        gather(data, out)
     else:
         process(data, out, sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))

@@ -93,8 +93,17 @@ def _eval(*args):
     return main(["eval", *map(str, args)])
 
 
-def test_cli_segment_resume_refuse_and_predictions(tiny_model_dir, data, tmp_path, capsys):
+def test_cli_segment_resume_refuse_and_predictions(
+    tiny_model_dir, data, tmp_path, capsys, monkeypatch
+):
+    import pam_jax.pam.model
+
     model_dir = tiny_model_dir
+    loads = []
+    real_load = pam_jax.pam.model.load_pam
+    monkeypatch.setattr(
+        pam_jax.pam.model, "load_pam", lambda *a, **k: loads.append(1) or real_load(*a, **k)
+    )
     out = tmp_path / "res"
     base = ["--data", data / "coco.json", "--format", "coco", "--out", out, "--batch-size", 2]
     assert _eval("--model", model_dir, *base) == 0
@@ -102,22 +111,25 @@ def test_cli_segment_resume_refuse_and_predictions(tiny_model_dir, data, tmp_pat
     # the annotation on a missing image is recorded as failed and skipped, not fatal
     assert metrics["n_items"] == 3 and metrics["n_skipped"] == 1
     assert "13: " in (err := capsys.readouterr().err) and "gone.png" in err
+    assert len(loads) == 1
     assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["cIoU"] <= 1
     assert metrics["task"] == "segment" and metrics["temperature"] == 0.0
     assert (out / "report.md").is_file() and (out / "examples.png").is_file()
     rep = json.loads((out / "report.json").read_text())
     assert any("G-STDC" in x for x in rep["not_run_offline"])
     preds = (out / PREDICTIONS).read_text()
-    # the same command again: resumed, nothing recomputed, the same metrics
+    # the same command again: resumed, nothing recomputed (the model is not even loaded), the
+    # same metrics
     assert _eval("--model", model_dir, *base) == 0
     assert (out / PREDICTIONS).read_text() == preds
     again = json.loads((out / "metrics.json").read_text())
     assert {k: again[k] for k in ("mIoU", "cIoU")} == {k: metrics[k] for k in ("mIoU", "cIoU")}
+    assert len(loads) == 1
     capsys.readouterr()
-    # other decoding settings in the same folder: refused, one line
+    # other decoding settings in the same folder: refused, one line, before loading the model
     assert _eval("--model", model_dir, *base, "--max-new-tokens", 7) == 2
     err = capsys.readouterr().err
-    assert "other settings" in err and "max_new_tokens" in err
+    assert "other settings" in err and "max_new_tokens" in err and len(loads) == 1
     # scoring a predictions file: an unknown and a missing id are reported
     lines = [json.loads(x) for x in preds.splitlines()]
     assert [x["id"] for x in lines if "error" in x] == ["13"]
