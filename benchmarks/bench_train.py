@@ -69,9 +69,10 @@ def bench_jax(size: str, batches: list[int], args) -> list[dict]:
             model=model_name, batch_size=b, grad_accum=1, steps=1000, learning_rate=1e-5,
             warmup_steps=0, train_parts="perceiver,projectors,newlines,llm", mesh="1,1,1",
             dtype="float32" if args.cpu else "bfloat16", remat=args.remat,
-            scan_layers=args.scan, attention=args.attention,
+            scan_layers=args.scan, attention=args.attention, loss_chunk=args.loss_chunk,
         )  # fmt: skip
-        rec = {"impl": "pam-jax", "model": size, "batch": b, "remat": args.remat}
+        rec = {"impl": "pam-jax", "model": size, "batch": b, "remat": args.remat,
+               "scan": args.scan, "loss_chunk": args.loss_chunk}  # fmt: skip
         trainer = state = frozen = gb = None
         try:
             spec = spec_for(abstract_model(cfg), cfg.parts)
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default="full", help="LLM remat policy (none|full|dots|dots_all)")
     ap.add_argument("--scan", action="store_true", help="scan the LLM layers")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--loss-chunk", type=int, default=512, help="cross-entropy chunk positions")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument(
         "--peer-cache", metavar="FILE",

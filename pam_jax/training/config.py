@@ -76,6 +76,7 @@ class TrainConfig:
     remat: str = "none"
     scan_layers: bool = False  # LLM layers under lax.scan (faster compiles at depth)
     attention: str = "auto"  # LLM training attention (pam_jax.llm hidden_states_train)
+    loss_chunk: int = 512  # positions per cross-entropy chunk ([B, chunk, V] float32 logits)
     seg_loss: float = 0.0  # weight of SAM 2's segmentation loss (0 = off)
     seed: int = 0
     shuffle: bool = True
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ConfigError("pack=true needs seq_len (the packed row length) and real data")
         if self.pack_max < 1:
             raise ConfigError(f"pack_max must be >= 1, got {self.pack_max}")
+        if self.loss_chunk < 1:
+            raise ConfigError(f"loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.seq_len and self.seq_len % 8:
             raise ConfigError(f"seq_len must be a multiple of 8, got {self.seq_len}")
         parse_mesh(self.mesh)

@@ -99,7 +99,10 @@ class Trainer:
         opt_abs = jax.eval_shape(tx.init, abstract)
         rep = NamedSharding(mesh, PartitionSpec())
         ssh = TrainState(psh, _opt_shardings(opt_abs, psh, mesh), rep, rep)
-        opts = LossOptions(num_sources=num_sources, attention=cfg.attention, seg_loss=cfg.seg_loss)
+        opts = LossOptions(
+            num_sources=num_sources, attention=cfg.attention, chunk=cfg.loss_chunk,
+            seg_loss=cfg.seg_loss,
+        )  # fmt: skip
         t = cls(cfg, spec, tx, mesh, opts, psh, fsh, ssh)
         t.step_fn = jax.jit(
             t._step,

@@ -63,6 +63,7 @@ def test_unknown_key_lists_valid_ones():
         ("train_parts=perceiver,vision", "unknown ['vision']"),
         ("batch_size=6", "multiple of grad_accum"),
         ("remat=some", "remat must be"),
+        ("loss_chunk=0", "loss_chunk must be >= 1"),
     ],
 )
 def test_bad_values(override, words):
