@@ -72,6 +72,8 @@ def prepare_workdir(cfg: TrainConfig, resume: bool) -> Path:
                 f"{wd} already holds a run (config.json); pass --resume to continue it or "
                 "choose another workdir"
             )
+        # a key newer than the run's config.json had its default in that run
+        old = {**TrainConfig().to_dict(), **old}
         diff = sorted(k for k in set(old) | set(cfg.to_dict())
                       if k not in RESUMABLE and old.get(k) != cfg.to_dict().get(k))  # fmt: skip
         if diff:

@@ -145,3 +145,11 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     with pytest.raises(C.ConfigError, match="differs in learning_rate"):
         prepare_workdir(cfg.replace(learning_rate=0.5), resume=True)
     prepare_workdir(cfg.replace(steps=99), resume=True)  # steps may change
+    # a run written before a key existed resumes when the key keeps its default
+    path = tmp_path / "w" / "config.json"
+    old = json.loads(path.read_text())
+    del old["loss_chunk"]
+    path.write_text(json.dumps(old))
+    prepare_workdir(cfg, resume=True)
+    with pytest.raises(C.ConfigError, match="differs in loss_chunk"):
+        prepare_workdir(cfg.replace(loss_chunk=256), resume=True)
