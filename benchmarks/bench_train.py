@@ -17,7 +17,7 @@ kind of count for its own work (LLM 6 N T + causal attention, SAM 2 encoder 2 N 
 
     python benchmarks/bench_train.py --models 1.5b,3b --batches 4,8,16,32       # H200, ~8 min
     python benchmarks/bench_train.py --models 3b,1.5b --batches 16,32 --scan --remat dots \
-        --mem-fraction 0.95 --peer-cache benchmarks/peer_train_h200.json    # H200, peer reused
+        --mem-fraction 0.95 --loss-chunk 256 --peer-cache benchmarks/peer_train_h200.json
     python benchmarks/bench_train.py --tiny --cpu                                 # smoke test
 """
 
