@@ -59,8 +59,9 @@ def test_click_shows_the_apis_mask_and_caption(live, tmp_path):
                 "document.getElementById('status').textContent.includes('click a point')",
                 timeout=60_000,
             )
-            box = page.locator("#marks").bounding_box()
-            page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6)
+            box = page.locator("#marks").bounding_box()  # scrolled into view by click()
+            page.locator("#marks").click(position={"x": box["width"] * 0.6,
+                                                   "y": box["height"] * 0.6})  # fmt: skip
             page.wait_for_selector("#caption[data-state=done]", timeout=120_000)
             caption = page.locator("#caption").text_content()
             image_id = page.evaluate("img.image_id")
@@ -85,3 +86,55 @@ def test_click_shows_the_apis_mask_and_caption(live, tmp_path):
     status, events = live.describe(doc)
     assert status == 200 and events[-1]["done"]
     assert caption == events[-1]["text"] and caption
+
+
+@pytest.mark.heavy
+def test_video_tracked_on_the_page(live, tmp_path):
+    """Upload a clip on the page, click on frame 0, track: the page shows the API's caption
+    and, on the last frame, the API's mask (heavy: compiles the tracking scan)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package")
+    from PIL import Image
+
+    from pam_jax.demo import sample_image
+    from tests.serve.test_video import _mp4
+
+    base = sample_image(96, 128)[0]
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(_mp4(np.stack([np.roll(base, 4 * i, axis=1) for i in range(4)])))
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True
+        )
+        try:
+            page = ctx.new_page()
+            page.goto(live.url + "/")
+            page.set_input_files("#vfile", str(clip))
+            page.wait_for_function(
+                "document.getElementById('vstatus').textContent.includes('frame 0')",
+                timeout=60_000,
+            )
+            box = page.locator("#vmarks").bounding_box()
+            page.locator("#vmarks").click(position={"x": box["width"] * 0.5,
+                                                    "y": box["height"] * 0.6})  # fmt: skip
+            page.click("#track")
+            page.wait_for_function(
+                "document.getElementById('vstatus').textContent.startsWith('tracked')",
+                timeout=600_000,
+            )
+            page.fill("#vframe", "3")
+            page.dispatch_event("#vframe", "input")
+            page.wait_for_timeout(1000)
+            caption = page.locator("#vcaption").text_content()
+            video_id, points = page.evaluate("vid.video_id"), page.evaluate("vpts")
+            overlay = page.evaluate(OVERLAY_ALPHA.replace('"overlay"', '"voverlay"'))
+            page.screenshot(path=str(tmp_path / "video.png"), full_page=True)
+        finally:
+            ctx.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "video.png", ARTIFACTS / "video.png")
+    status, doc = live.post("/track", {"video_id": video_id, "points": points, "labels": [1]})
+    assert status == 200, doc
+    assert caption == doc["text"]
+    with Image.open(io.BytesIO(base64.b64decode(overlay))) as im:
+        shown = np.asarray(im.convert("L")) > 127
+    assert np.array_equal(shown, mask_from_png_base64(doc["masks"][3]))
