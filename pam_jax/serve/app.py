@@ -91,6 +91,8 @@ async def _json(request: Request, allowed: set[str]) -> dict[str, Any]:
         doc = json.loads(await _body(request, JSON_LIMIT))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HTTPError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise HTTPError(400, "the JSON body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, "the body must be a JSON object")
     unknown = sorted(set(doc) - allowed)

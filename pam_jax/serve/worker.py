@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -90,9 +91,9 @@ class Worker:
             with self.lock:
                 result = task.run()
         except Exception as e:  # the caller answers it; the worker lives on
-            task.done(None, e)
+            _quietly(task.done, None, e)
             return
-        task.done(result, None)
+        _quietly(task.done, result, None)
 
     def _run_describe(self, jobs: list[DescribeJob]) -> None:
         try:
@@ -101,4 +102,13 @@ class Worker:
                 self.engine.describe(jobs)
         except Exception as e:
             for job in jobs:
-                job.fail(e)
+                _quietly(job.fail, e)
+
+
+def _quietly(fn, *args) -> None:
+    """A reply callback whose caller is gone (e.g. the event loop closed at shutdown) must not
+    end the worker."""
+    try:
+        fn(*args)
+    except Exception as e:
+        print(f"pam-jax serve: a reply could not be delivered ({e})", file=sys.stderr)

@@ -151,6 +151,8 @@ def _bad_requests(sample):
         ("unknown id", "POST", "/segment", b'{"image_id": "0123456789abcdef", "box": [1,1,5,5]}',
          "application/json", 404, "no such image"),
         ("bad JSON", "POST", "/segment", b'{"image_id": ', "application/json", 400, "JSON"),
+        ("deeply nested JSON", "POST", "/segment", b"[" * 200_000, "application/json", 400,
+         "nested"),
         ("JSON list", "POST", "/segment", b"[1, 2]", "application/json", 400, "object"),
         ("too many points", "POST", "/segment",
          b'{"image_id": "%s", "points": %s, "labels": %s}'
