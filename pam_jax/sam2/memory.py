@@ -140,6 +140,32 @@ def _write(arr: jax.Array, slot: jax.Array, value: jax.Array, do: jax.Array) -> 
     return arr.at[b, slot].set(jnp.where(do, value.astype(arr.dtype), old))
 
 
+def _push(
+    frames: jax.Array,
+    valid: jax.Array,
+    stamp: jax.Array,
+    frame_idx: jax.Array,
+    new_stamp: jax.Array,
+    do: jax.Array,
+    *payloads: tuple[jax.Array, jax.Array],
+    drop: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """One ring of slots [B, K]: write frame `frame_idx`'s entry (each (array, value) of
+    `payloads`) where do [B]; where drop [B], first invalidate an entry of the same frame.
+    Returns the new frames, valid, stamp and payload arrays."""
+    b = frames.shape[0]
+    s = _pick_slot(frames, valid, stamp, frame_idx)
+    if drop is not None:
+        valid = valid & ~(drop[:, None] & (frames == frame_idx))
+    fr = jnp.broadcast_to(frame_idx, (b,))
+    return (
+        _write(frames, s, fr, do),
+        _write(valid, s, jnp.ones((b,), bool), do),
+        _write(stamp, s, new_stamp, do),
+        tuple(_write(a, s, v, do) for a, v in payloads),
+    )
+
+
 def insert_memory(
     bank: MemoryBank,
     frame_idx: Int,
@@ -163,34 +189,24 @@ def insert_memory(
     do_c, do_r = update & is_cond, update & ~is_cond
     step = bank.step + 1
     stamp = jnp.broadcast_to(step, (b,))
-    fr = jnp.broadcast_to(frame_idx, (b,))
-
-    s = _pick_slot(bank.cond_frames, bank.cond_valid, bank.cond_stamp, frame_idx)
-    cond = dict(
-        cond_feats=_write(bank.cond_feats, s, feats, do_c),
-        cond_ptrs=_write(bank.cond_ptrs, s, obj_ptr, do_c),
-        cond_frames=_write(bank.cond_frames, s, fr, do_c),
-        cond_valid=_write(bank.cond_valid, s, jnp.ones((b,), bool), do_c),
-        cond_stamp=_write(bank.cond_stamp, s, stamp, do_c),
-    )
-    s = _pick_slot(bank.recent_frames, bank.recent_valid, bank.recent_stamp, frame_idx)
-    # a new cond frame replaces a non-cond entry of the same frame
-    drop_r = do_c[:, None] & (bank.recent_frames == frame_idx)
-    recent = dict(
-        recent_feats=_write(bank.recent_feats, s, feats, do_r),
-        recent_frames=_write(bank.recent_frames, s, fr, do_r),
-        recent_valid=_write(bank.recent_valid & ~drop_r, s, jnp.ones((b,), bool), do_r),
-        recent_stamp=_write(bank.recent_stamp, s, stamp, do_r),
-    )
-    s = _pick_slot(bank.ptr_frames, bank.ptr_valid, bank.ptr_stamp, frame_idx)
-    drop_p = do_c[:, None] & (bank.ptr_frames == frame_idx)
-    ptrs = dict(
-        ptrs=_write(bank.ptrs, s, obj_ptr, do_r),
-        ptr_frames=_write(bank.ptr_frames, s, fr, do_r),
-        ptr_valid=_write(bank.ptr_valid & ~drop_p, s, jnp.ones((b,), bool), do_r),
-        ptr_stamp=_write(bank.ptr_stamp, s, stamp, do_r),
-    )
-    return bank.replace(**cond, **recent, **ptrs, step=step)
+    cf, cv, cs, (cfeat, cptr) = _push(
+        bank.cond_frames, bank.cond_valid, bank.cond_stamp, frame_idx, stamp, do_c,
+        (bank.cond_feats, feats), (bank.cond_ptrs, obj_ptr),
+    )  # fmt: skip
+    # a new cond frame replaces a non-cond entry (memory and pointer) of the same frame
+    rf, rv, rs, (rfeat,) = _push(
+        bank.recent_frames, bank.recent_valid, bank.recent_stamp, frame_idx, stamp, do_r,
+        (bank.recent_feats, feats), drop=do_c,
+    )  # fmt: skip
+    pf, pv, ps, (ptr,) = _push(
+        bank.ptr_frames, bank.ptr_valid, bank.ptr_stamp, frame_idx, stamp, do_r,
+        (bank.ptrs, obj_ptr), drop=do_c,
+    )  # fmt: skip
+    return bank.replace(
+        cond_feats=cfeat, cond_ptrs=cptr, cond_frames=cf, cond_valid=cv, cond_stamp=cs,
+        recent_feats=rfeat, recent_frames=rf, recent_valid=rv, recent_stamp=rs,
+        ptrs=ptr, ptr_frames=pf, ptr_valid=pv, ptr_stamp=ps, step=step,
+    )  # fmt: skip
 
 
 def remove_frame(bank: MemoryBank, frame_idx: Int, update: jax.Array | None = None) -> MemoryBank:
