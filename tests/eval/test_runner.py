@@ -46,6 +46,8 @@ def test_batched_equals_unbatched(tiny_pam, unbatched, tmp_path):
     # grouped by image: a.png's regions r0, r2, r4 first, then b.png's
     assert list(one) == list(four) == ["r0", "r2", "r4", "r1", "r3"]
     assert one == four  # texts and mask RLEs
+    # not a vacuous comparison: the two images' regions get different texts
+    assert one["r0"]["pred"] != one["r1"]["pred"]
     # and the public per-image API, one region per call
     pred = PAMPredictor(model, tok, max_new_tokens=NEW)
     for it in items[:2]:
