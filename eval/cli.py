@@ -1,10 +1,11 @@
 """`pam-jax eval`: run a PAM model over a benchmark file, or score a predictions file.
 
-    pam-jax eval --model DIR --data FILE --format FMT --task TASK --out RESULTS_DIR
+    pam-jax eval --model DIR --data FILE_OR_DATASET --format FMT --task TASK --out RESULTS_DIR
                  [--image-root DIR] [--batch-size B] [--limit N] [--strict] [--lang en|zh]
                  [--max-new-tokens N] [--temperature T] [--top-p P] [--repetition-penalty R]
                  [--seed S] [--step N] [--benchmark NAME] [--force]
-    pam-jax eval --predictions PRED.jsonl --data FILE --format FMT --task TASK --out RESULTS_DIR
+    pam-jax eval --predictions PRED.jsonl --data FILE_OR_DATASET --format FMT --task TASK
+                 --out RESULTS_DIR
 
 Formats (README, "Evaluation"): pam, osprey, refcocog, vg, video, stream, coco. Tasks: recognize,
 explain, caption, detailed-caption, video-caption, stream-caption, segment (default: the
@@ -35,11 +36,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="PAM model directory or training workdir")
     src.add_argument("--predictions", metavar="PRED.jsonl", help="score these predictions")
-    p.add_argument("--data", required=True, metavar="FILE", help="the benchmark file")
+    p.add_argument(
+        "--data", required=True, metavar="FILE_OR_DATASET",
+        help="the benchmark file (--format pam: or a `pam-jax data prepare` folder)",
+    )  # fmt: skip
     p.add_argument("--format", required=True, choices=FORMATS, help="the file's schema")
     p.add_argument("--task", choices=list(TASKS), default=None, help="default: the format's")
     p.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results folder")
-    p.add_argument("--image-root", metavar="DIR", help="image paths are relative to this")
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="image paths are relative to this (unused for a dataset folder)",
+    )
     p.add_argument("--batch-size", type=cliutil.positive_int, default=8, metavar="B",
                    help="regions per batch (default 8)")  # fmt: skip
     p.add_argument("--limit", type=cliutil.positive_int, default=None, metavar="N",

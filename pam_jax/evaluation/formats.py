@@ -3,8 +3,9 @@
 Every format becomes a list of `Item`s: one region of one image (or one object of one video, or
 one streamed video with its events) with its references. Ids are strings: the record's `id`
 (for `stream` also `video_id`), else its 0-based line (JSONL) or list index (JSON), with `#k`
-appended for the k-th region / event of a record that has several. The accepted schemas are
-documented in the README's "Evaluation" section.
+appended for the k-th region / event of a record that has several. `pam` also reads a
+prepared dataset folder (`pam-jax data prepare`): the same items, pictures read as stored
+(`StoredFrame`). The accepted schemas are documented in the README's "Evaluation" section.
 
 Malformed records never stop a run silently: each one becomes a `Problem` (line or index and
 the reason) and is skipped, or raises `FormatError` at the first one under `strict=True`.
@@ -13,13 +14,17 @@ the reason) and is skipped, or raises `FormatError` at the first one under `stri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pam_jax.data.records import Record
+from pam_jax.data.source import load_element
 from pam_jax.pam import prompts as task_prompts
 
 FORMATS = ("pam", "osprey", "refcocog", "vg", "video", "stream", "coco")
@@ -232,6 +237,16 @@ def _pam(where, rec, root, task):
     from pam_jax.data.records import parse_record
 
     r = parse_record(rec, source="eval", line=int(where.split()[-1]))
+    media = tuple(_path(root, None, f) for f in r.frames)
+    gt = r.annotations[0].mask  # `segmentation` (RLE / polygons) or `mask` (a PNG under root)
+    if isinstance(gt, str):
+        gt = _path(root, None, gt)
+    return [_pam_item(r, _default_id(where, rec, "id"), media, gt, task, where)]
+
+
+def _pam_item(r: Record, rid: str, media: tuple[str, ...], gt: Any, task: str | None,
+              where: str) -> Item:  # fmt: skip
+    """One PAM record (from a JSONL line or a prepared dataset) -> its item."""
     humans = [t.text for t in r.conversations if t.role == "user"]
     answers = [t.text for t in r.conversations if t.role == "assistant"]
     if not humans or not answers:
@@ -250,17 +265,95 @@ def _pam(where, rec, root, task):
     if ann.points is not None:
         region["points"] = np.asarray(ann.points).tolist()
         region["labels"] = [int(v) for v in ann.labels]
-    rid = _default_id(where, rec, "id")
-    media = tuple(_path(root, None, f) for f in r.frames)
     if r.kind == "image":
-        gt = ann.mask  # `segmentation` (RLE / polygons) or `mask` (a PNG under the image root)
-        if isinstance(gt, str):
-            gt = _path(root, None, gt)
         if task == "segment" and gt is None:
             raise ValueError("--task segment needs the record's segmentation or mask")
-        return [Item(rid, "image", task, media, region, (ref,), gt, where=where)]
+        return Item(rid, "image", task, media, region, (ref,), gt, where=where)
     vtask = task if task in ("video-caption", "stream-caption") else "video-caption"
-    return [Item(rid, "video", vtask, media, region, (ref,), history=history, where=where)]
+    return Item(rid, "video", vtask, media, region, (ref,), history=history, where=where)
+
+
+class StoredFrame(str):
+    """A picture stored in a prepared dataset: frame `frame` of record `index` of the dataset
+    folder `dataset`. A str ("<dir>#<index>/<frame>", stable) so image grouping, sorting,
+    shard keys and reports treat it as a path; `runner.load_image` reads its bytes."""
+
+    dataset: str
+    index: int
+    frame: int
+
+    def __new__(cls, dataset: str, index: int, frame: int) -> StoredFrame:
+        s = super().__new__(cls, f"{dataset}#{index}/{frame}")
+        s.dataset, s.index, s.frame = str(dataset), int(index), int(frame)
+        return s
+
+    def __getnewargs__(self) -> tuple[str, int, int]:  # pickles (process pools) as itself
+        return self.dataset, self.index, self.frame
+
+    def read_bytes(self) -> bytes:
+        """The frame's encoded bytes as prepare stored them."""
+        return _stored_frames(self.dataset, self.index)[self.frame]
+
+
+_SOURCES: dict[str, Any] = {}
+_SOURCE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=16)  # a video's frames are read one by one: one read per record
+def _stored_frames(dataset: str, index: int) -> tuple[bytes, ...]:
+    from pam_jax.data.source import open_dataset_dir
+
+    with _SOURCE_LOCK:  # one reader per dataset, shared by the prefetch threads
+        if dataset not in _SOURCES:
+            _SOURCES[dataset] = open_dataset_dir(dataset)
+        element = _SOURCES[dataset][index]
+    return tuple(bytes(f) for f in element["frames"])
+
+
+def _dataset_id(r: Record, single_file: bool) -> str:
+    """The stored record's id; without one (prepare then stores "<file name>:<line from 1>")
+    its 0-based line, as the JSONL gives it, prefixed by the file name when several files
+    were prepared together."""
+    if r.id != f"{Path(r.source).name}:{r.line}":
+        return r.id
+    return str(r.line - 1) if single_file else f"{Path(r.source).name}:{r.line - 1}"
+
+
+def _load_dataset(path: Path, task: str | None, strict: bool) -> tuple[list, list, int]:
+    """A `pam-jax data prepare` folder -> (items, problems, n_records). Its pictures are read
+    as stored (StoredFrame), its masks are the RLEs prepare checked; prepare's skipped records
+    are problems named by file and line (1-based, as prepare reports them)."""
+    from pam_jax.data.source import dataset_report, is_dataset_dir, open_dataset_dir
+
+    if not is_dataset_dir(path):
+        raise FormatError(f"--data {path}: not a prepared dataset (run `pam-jax data prepare`)")
+    rep = dataset_report(path)
+    if rep.get("image_size") is not None:
+        raise FormatError(
+            f"--data {path}: prepared with --image-size {rep['image_size']} (resized pictures, "
+            "prompts in the original pixels); prepare it without --image-size to evaluate"
+        )
+    problems = [
+        Problem(f"{s['file']}:{s['line']}", f"{s['reason']}: {s.get('detail', '')}".rstrip(": "))
+        for s in rep.get("skipped", [])
+    ]
+    if strict and problems:
+        raise FormatError(f"{path}: {problems[0]} (--strict; skipped by prepare)")
+    single = len(rep.get("files") or []) <= 1
+    src = open_dataset_dir(path)
+    items: list[Item] = []
+    for i in range(len(src)):
+        r, _ = load_element(src[i])  # pictures are read later, by the runner
+        where = f"index {i} ({r.source}:{r.line})"
+        media = tuple(StoredFrame(str(path), i, k) for k in range(len(r.frames)))
+        try:
+            items.append(_pam_item(r, _dataset_id(r, single), media, r.annotations[0].mask,
+                                   task, where))  # fmt: skip
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            problems.append(Problem(where, _reason(e)))
+            if strict:
+                raise FormatError(f"{path}: {problems[-1]} (--strict)") from None
+    return items, problems, int(rep.get("records_read", len(src)))
 
 
 def _osprey(where, rec, root, task):
@@ -403,16 +496,21 @@ def load(
     strict: bool = False,
     limit: int | None = None,
 ) -> Loaded:
-    """Read a benchmark file into items (first `limit` items), reporting malformed records."""
+    """Read a benchmark file (or, for `pam`, a prepared dataset folder: `image_root` is not
+    used) into items (first `limit` items), reporting malformed records."""
     task = check_task(fmt, task)
     path = Path(data)
-    if not path.is_file():
-        raise FormatError(f"--data {path}: no such file")
+    if path.is_dir() and fmt != "pam":
+        raise FormatError(f"--data {path}: a dataset folder is read by --format pam only")
+    if not path.exists():
+        raise FormatError(f"--data {path}: no such file or dataset folder")
     root = Path(image_root) if image_root is not None else path.parent
     items: list[Item] = []
     problems: list[Problem] = []
     n = 0
-    if fmt in ("refcocog", "vg", "coco"):
+    if path.is_dir():
+        items, problems, n = _load_dataset(path, task, strict)
+    elif fmt in ("refcocog", "vg", "coco"):
         recs = list(_records(path))
         if len(recs) != 1 or recs[0][0] != "file":
             raise FormatError(f"--format {fmt}: {path} must be one COCO-style JSON object")

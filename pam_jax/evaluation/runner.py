@@ -187,13 +187,16 @@ class PredictionWriter:
 
 def load_image(path: str) -> np.ndarray:
     """RGB uint8 [H, W, 3] decoded as training decodes it (`pam_jax.data.preprocess`): EXIF
-    orientation ignored, as the release (benchmark boxes are in the stored pixels)."""
+    orientation ignored, as the release (benchmark boxes are in the stored pixels). `path` is a
+    file or a `formats.StoredFrame` (a prepared dataset's stored bytes)."""
     from PIL import UnidentifiedImageError
 
     from pam_jax.data.preprocess import decode_image
+    from pam_jax.evaluation.formats import StoredFrame
 
     try:
-        return decode_image(Path(path).read_bytes())
+        data = path.read_bytes() if isinstance(path, StoredFrame) else Path(path).read_bytes()
+        return decode_image(data)
     except (UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"image {path} is not a readable image ({e})") from None
 
