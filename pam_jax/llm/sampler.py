@@ -240,6 +240,108 @@ def _on_step(hook_id: Any, step: Any) -> None:
         hook(int(step))
 
 
+# ---- the steps, shared by the one-call program and the server's streamed chunks ----------
+def plan_cache(
+    cfg: Any, n: int, max_new_tokens: int, buckets: Sequence[int] | None, limit: int
+) -> tuple[int, int]:
+    """(padded prompt length, KV-cache slots) for prompts of at most `n` tokens."""
+    if n + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the "
+            f"cache length {limit}"
+        )
+    tb = bucket_length(n, buckets)
+    # the Pallas decode kernel splits the cache into up to 16 chunks of 128-slot blocks
+    # (qwen2._decode_splits); 256-slot alignment keeps a split count >= 2 available
+    impl = cfg.decode_attention
+    pallas = impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
+    align = 256 if pallas else 8
+    cache_length = -(-(tb + max_new_tokens) // align) * align
+    if cache_length > limit:
+        cache_length = tb + max_new_tokens
+        if cache_length > limit:  # the bucket rounding pushed it over: pad to n exactly
+            tb, cache_length = n, n + max_new_tokens
+    return tb, cache_length
+
+
+def _is_stop(tok: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+
+def prefill_state(
+    model: Any, x, lengths, seen, stop_ids, rng, values: SamplingValues, pad_id, *,
+    max_new_tokens: int, cache_length: int, mode: SamplingMode,
+) -> LoopState:  # fmt: skip
+    """Traced: the prefill over right-padded embeddings x [B, T, H] (the cache written
+    right-aligned) and the first sampled token, as the decode loop's first carry."""
+    b, t = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cache = model.init_cache(b, cache_length)
+    h, cache = model.hidden_states(x, positions, PrefillLengths(lengths), cache, 0)
+    h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    rng, key = jax.random.split(rng)
+    first = _sample(model.logits(h_last), seen, key, values, mode)
+    if mode.use_penalty:
+        seen = seen.at[jnp.arange(b), first].set(True)
+    return LoopState(
+        step=jnp.int32(1),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
+        last=first,
+        done=_is_stop(first, stop_ids),
+        lengths=jnp.ones((b,), jnp.int32),
+        cache=cache,
+        rng=rng,
+        seen=seen,
+    )
+
+
+def decode_step(
+    model: Any, s: LoopState, lengths, prompt_len: int, stop_ids, values: SamplingValues,
+    pad_id, mode: SamplingMode,
+) -> LoopState:  # fmt: skip
+    """Traced: one decode step over the cache (prompts of `lengths` end at slot prompt_len-1)."""
+    b = s.last.shape[0]
+    slot = prompt_len + s.step - 1  # where the last token's k/v go
+    pos = (lengths + s.step - 1)[:, None]
+    m = (prompt_len - lengths, jnp.full((b,), slot + 1, jnp.int32))  # keys start <= j <= slot
+    h, cache = model.hidden_states(
+        model.embed(s.last[:, None]), pos, m, s.cache, slot, attend_cache=True
+    )
+    rng, key = jax.random.split(s.rng)
+    nxt = jnp.where(s.done, pad_id, _sample(model.logits(h[:, 0]), s.seen, key, values, mode))
+    return s.replace(
+        step=s.step + 1,
+        tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
+        last=nxt,
+        done=s.done | _is_stop(nxt, stop_ids),
+        lengths=s.lengths + (~s.done).astype(jnp.int32),
+        cache=cache,
+        rng=rng,
+        seen=s.seen.at[jnp.arange(b), nxt].set(True) if mode.use_penalty else s.seen,
+    )
+
+
+def _grow_rows(s: LoopState, b: int, scan_layers: bool) -> LoopState:
+    """Pad the carry to b rows with copies of row 0 (decode-only rows)."""
+    b0 = s.last.shape[0]
+    if b <= b0:
+        return s
+
+    def grow(a, axis=0):
+        extra = jnp.repeat(jax.lax.slice_in_dim(a, 0, 1, axis=axis), b - b0, axis=axis)
+        return jnp.concatenate([a, extra], axis=axis)
+
+    axis = 1 if scan_layers else 0  # stacked caches are [L, B, ...]
+    return s.replace(
+        tokens=grow(s.tokens),
+        last=grow(s.last),
+        done=grow(s.done),
+        lengths=grow(s.lengths),
+        cache=jax.tree.map(lambda c: grow(c, axis), s.cache),
+        seen=None if s.seen is None else grow(s.seen),
+    )
+
+
 # ---- the jitted program -----------------------------------------------------------------
 @functools.partial(
     jax.jit,
@@ -275,72 +377,26 @@ def _generate(
     b0, t = prompt.shape[:2]
     TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
     model = merge(structure, leaves)
-    use_pen = mode.use_penalty
     x = model.embed(prompt) if from_ids else prompt
-    start = t - lengths  # first valid cache slot of each row (prompts end at slot t - 1)
-    positions = jnp.broadcast_to(jnp.arange(t), (b0, t))
-    cache = model.init_cache(b0, cache_length)
-    # the prefill runs on the right-padded rows and writes the cache right-aligned
-    h, cache = model.hidden_states(x, positions, PrefillLengths(lengths), cache, 0)
-    h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = model.logits(h_last)
-
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-
-    rng, key = jax.random.split(rng)
-    first = _sample(logits, seen, key, values, mode)
+    state0 = prefill_state(
+        model, x, lengths, seen, stop_ids, rng, values, pad_id,
+        max_new_tokens=max_new_tokens, cache_length=cache_length, mode=mode,
+    )  # fmt: skip
     if report_steps:
         jax.debug.callback(_on_step, hook_id, jnp.int32(1), ordered=False)
     b = max(b0, decode_batch)
     if b > b0:  # decode with copies of row 0 (prefill ran on the real rows only)
-
-        def grow(a, axis=0):
-            extra = jnp.repeat(jax.lax.slice_in_dim(a, 0, 1, axis=axis), b - b0, axis=axis)
-            return jnp.concatenate([a, extra], axis=axis)
-
-        axis = 1 if model.cfg.scan_layers else 0  # stacked caches are [L, B, ...]
-        cache = jax.tree.map(lambda c: grow(c, axis), cache)
-        first, lengths, start = grow(first), grow(lengths), grow(start)
-        seen = None if seen is None else grow(seen)
-    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    if use_pen:
-        seen = seen.at[jnp.arange(b), first].set(True)
-    state0 = LoopState(
-        step=jnp.int32(1),
-        tokens=tokens,
-        last=first,
-        done=is_stop(first),
-        lengths=jnp.ones((b,), jnp.int32),
-        cache=cache,
-        rng=rng,
-        seen=seen,
-    )
+        state0 = _grow_rows(state0, b, model.cfg.scan_layers)
+        lengths = jnp.concatenate([lengths, jnp.repeat(lengths[:1], b - b0)])
 
     def cond(s: LoopState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: LoopState) -> LoopState:
-        slot = t + s.step - 1  # where the last token's k/v go
-        pos = (lengths + s.step - 1)[:, None]
-        m = (start, jnp.full((b,), slot + 1, jnp.int32))  # keys start <= j <= slot
-        xe = model.embed(s.last[:, None])
-        h, cache = model.hidden_states(xe, pos, m, s.cache, slot, attend_cache=True)
-        lg = model.logits(h[:, 0])
-        rng, key = jax.random.split(s.rng)
-        nxt = jnp.where(s.done, pad_id, _sample(lg, s.seen, key, values, mode))
+        s = decode_step(model, s, lengths, t, stop_ids, values, pad_id, mode)
         if report_steps:  # static: no callback in the loop unless asked
-            jax.debug.callback(_on_step, hook_id, s.step + 1, ordered=False)
-        return s.replace(
-            step=s.step + 1,
-            tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
-            last=nxt,
-            done=s.done | is_stop(nxt),
-            lengths=s.lengths + (~s.done).astype(jnp.int32),
-            cache=cache,
-            rng=rng,
-            seen=s.seen.at[jnp.arange(b), nxt].set(True) if use_pen else s.seen,
-        )
+            jax.debug.callback(_on_step, hook_id, s.step, ordered=False)
+        return s
 
     out = jax.lax.while_loop(cond, body, state0)
     return out.tokens[:b0], out.lengths[:b0]
@@ -393,22 +449,7 @@ def generate(
         raise ValueError(f"prompt_lengths must be [B] in [1, {t}], got {lengths.tolist()}")
     n = int(lengths.max())
     limit = max_cache_length or cfg.max_position_embeddings
-    if n + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the "
-            f"cache length {limit}"
-        )
-    tb = bucket_length(n, buckets)
-    # the Pallas decode kernel splits the cache into up to 16 chunks of 128-slot blocks
-    # (qwen2._decode_splits); 256-slot alignment keeps a split count >= 2 available
-    impl = cfg.decode_attention
-    pallas = impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
-    align = 256 if pallas else 8
-    cache_length = -(-(tb + max_new_tokens) // align) * align
-    if cache_length > limit:
-        cache_length = tb + max_new_tokens
-        if cache_length > limit:  # the bucket rounding pushed it over: pad to n exactly
-            tb, cache_length = n, n + max_new_tokens
+    tb, cache_length = plan_cache(cfg, n, max_new_tokens, buckets, limit)
     prompt = (
         prompt[:, :n]
         if tb <= n

@@ -2,9 +2,9 @@
 each (a `lax.while_loop` inside; no Python loop per token), the host reading the tokens between
 calls.
 
-The math is `pam_jax.llm.sampler._generate`'s (right-padded prompts written right-aligned into
-the cache, the same `_sample` and stop / pad rules), split at the chunk boundaries so that the
-tokens equal one `sampler.generate` call's (tests/serve/test_stream.py checks it). The sampler
+The steps are `pam_jax.llm.sampler`'s own (`plan_cache`, `prefill_state`, `decode_step`: the
+one-call program runs the same ones), split at the chunk boundaries, so the tokens equal one
+`sampler.generate` call's (tests/serve/test_api.py checks it). The sampler
 keeps its single-call program (the fastest path for offline prediction); this module is the
 server's, where the first words must show before the last token is generated.
 """
@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pam_jax.llm.qwen2 import PrefillLengths
 from pam_jax.llm.sampler import (
     LoopState,
     PreparedModel,
     SamplingMode,
     SamplingParams,
-    _sample,
-    bucket_length,
+    decode_step,
+    plan_cache,
+    prefill_state,
 )
 from pam_jax.prepared import merge
 
@@ -45,36 +45,18 @@ class Chunk:
         return bool(self.done.all())
 
 
-def _is_stop(tok, stop_ids):
-    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-
-
 @partial(jax.jit, static_argnames=("structure", "max_new_tokens", "cache_length", "mode"))
 def _prefill(
     structure, leaves, prompt, lengths, stop_ids, rng, values, pad_id, *,
     max_new_tokens: int, cache_length: int, mode: SamplingMode,
 ):  # fmt: skip
     model = merge(structure, leaves)
-    b, t = prompt.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cache = model.init_cache(b, cache_length)
-    h, cache = model.hidden_states(prompt, positions, PrefillLengths(lengths), cache, 0)
-    logits = model.logits(jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0])
+    b = prompt.shape[0]
     seen = jnp.zeros((b, model.cfg.vocab_size), bool) if mode.use_penalty else None
-    rng, key = jax.random.split(rng)
-    first = _sample(logits, seen, key, values, mode)
-    if mode.use_penalty:
-        seen = seen.at[jnp.arange(b), first].set(True)
-    return LoopState(
-        step=jnp.int32(1),
-        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
-        last=first,
-        done=_is_stop(first, stop_ids),
-        lengths=jnp.ones((b,), jnp.int32),
-        cache=cache,
-        rng=rng,
-        seen=seen,
-    )
+    return prefill_state(
+        model, prompt, lengths, seen, stop_ids, rng, values, pad_id,
+        max_new_tokens=max_new_tokens, cache_length=cache_length, mode=mode,
+    )  # fmt: skip
 
 
 @partial(jax.jit, static_argnames=("structure", "chunk", "prompt_len", "mode"), donate_argnums=2)
@@ -83,33 +65,13 @@ def _decode(
     chunk: int, prompt_len: int, mode: SamplingMode,
 ):  # fmt: skip
     model = merge(structure, leaves)
-    b, max_new = state.tokens.shape
-    t = prompt_len
-    start = t - lengths
-    end = jnp.minimum(state.step + chunk, max_new)
+    end = jnp.minimum(state.step + chunk, state.tokens.shape[1])
 
     def cond(s: LoopState):
         return (s.step < end) & ~jnp.all(s.done)
 
     def body(s: LoopState) -> LoopState:
-        slot = t + s.step - 1
-        pos = (lengths + s.step - 1)[:, None]
-        m = (start, jnp.full((b,), slot + 1, jnp.int32))
-        h, cache = model.hidden_states(
-            model.embed(s.last[:, None]), pos, m, s.cache, slot, attend_cache=True
-        )
-        rng, key = jax.random.split(s.rng)
-        nxt = jnp.where(s.done, pad_id, _sample(model.logits(h[:, 0]), s.seen, key, values, mode))
-        return s.replace(
-            step=s.step + 1,
-            tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
-            last=nxt,
-            done=s.done | _is_stop(nxt, stop_ids),
-            lengths=s.lengths + (~s.done).astype(jnp.int32),
-            cache=cache,
-            rng=rng,
-            seen=s.seen.at[jnp.arange(b), nxt].set(True) if mode.use_penalty else s.seen,
-        )
+        return decode_step(model, s, lengths, prompt_len, stop_ids, values, pad_id, mode)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -134,16 +96,9 @@ def stream_generate(
         raise ValueError(f"max_new_tokens and chunk must be >= 1, got {max_new_tokens}, {chunk}")
     lengths = np.asarray(prompt_lengths, np.int32)
     n = int(lengths.max())
-    limit = model.cfg.max_position_embeddings
-    if n + max_new_tokens > limit:
-        raise ValueError(f"prompt of {n} + {max_new_tokens} new tokens exceeds {limit} positions")
-    tb = bucket_length(n, buckets)
-    impl = model.cfg.decode_attention  # the Pallas decode kernel wants 256-slot caches
-    pallas = impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
-    align = 256 if pallas else 8
-    cache_length = -(-(tb + max_new_tokens) // align) * align
-    if cache_length > limit:
-        tb, cache_length = n, n + max_new_tokens
+    tb, cache_length = plan_cache(
+        model.cfg, n, max_new_tokens, buckets, model.cfg.max_position_embeddings
+    )
     x = jnp.asarray(inputs_embeds)[:, :n]
     prompt = jnp.pad(x, ((0, 0), (0, tb - n), (0, 0)))
     sampling = sampling or SamplingParams()
