@@ -149,8 +149,8 @@ def test_quick_demo_learns(tmp_path):
     4's per-part learning rates mIoU 0.33, exact match 0.115. The exact-match gain is what the
     answer *templates* give (3 of 26: the model answers every region alike and the prior's
     guess is right that often); it does not show that the model reads the region (see the
-    README). Marked heavy: 12.7 minutes wall (2.3 CPU minutes) on the shared 2-core machine
-    under a load average of 10-25; compiles dominate."""
+    README). Marked heavy: this test took 5.9 minutes (3.5 CPU minutes) on the shared 2-core
+    machine under a load average of 5-7; compiles dominate."""
     from pam_jax import demo
 
     s = demo.DemoSettings.make(quick=True, steps=None, seed=0)
