@@ -23,17 +23,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from pam_jax.data.preprocess import IGNORE, Example
-from pam_jax.pam.assembly import packed_layout
+from pam_jax.pam.assembly import Layout, packed_layout
 from pam_jax.sam2.prompts import Prompt, pad_prompts
 
 
 @dataclasses.dataclass(frozen=True)
-class Batch:
+class Batch(Layout):
     """B rows of L tokens; F frames of S x S; P prompt points.
 
-    Layout fields (`pam_jax.pam.assembly.Layout`): text_ids, visual_index, is_visual, mask,
-    positions [B, L], lengths [B]. labels [B, L] aligned with the assembled sequence, NOT
-    shifted (position t predicts labels[t + 1]; -100 at visual / padding / masked positions).
+    A `pam_jax.pam.assembly.Layout` (its fields, inherited, come first: text_ids, visual_index,
+    is_visual, mask, positions [B, L], lengths [B]) with the training fields added. labels
+    [B, L] aligned with the assembled sequence, NOT shifted (position t predicts labels[t + 1];
+    -100 at visual / padding / masked positions).
     segment_ids [B, L] int32 (1 on the sample, 0 on padding). pixels uint8 [B, F, S, S, 3];
     prompt_coords [B, P, 2] model pixels, prompt_labels [B, P] (-1 padding), prompt_valid
     [B, P]; gt_masks uint8 [B, F, S, S], mask_valid [B, F], has_mask [B]; is_video [B];
@@ -49,12 +50,6 @@ class Batch:
     example_valid [B] says the row holds a sample.
     """
 
-    text_ids: np.ndarray
-    visual_index: np.ndarray
-    is_visual: np.ndarray
-    mask: np.ndarray
-    positions: np.ndarray
-    lengths: np.ndarray
     labels: np.ndarray
     segment_ids: np.ndarray
     pixels: np.ndarray

@@ -10,11 +10,24 @@ process) re-reads that sample and continues with exactly the next batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import grain
 
 from pam_jax.data.batch import Batch, FirstFit, collate_packed
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+    """What a packed batch is: `batch_size` rows of `capacity` positions, at most `pack_max`
+    samples a row; `collate_kw` goes to `collate_packed`."""
+
+    batch_size: int
+    capacity: int
+    pack_max: int
+    drop_remainder: bool
+    collate_kw: dict[str, Any]
 
 
 class PackIterDataset(grain.IterDataset):
@@ -29,27 +42,17 @@ class PackIterDataset(grain.IterDataset):
         collate_kw: dict[str, Any],
     ):
         super().__init__(parent)
-        self._kw = dict(batch_size=batch_size, capacity=capacity, pack_max=pack_max,
-                        drop_remainder=drop_remainder, collate_kw=collate_kw)  # fmt: skip
+        self._spec = PackSpec(batch_size, capacity, pack_max, drop_remainder, collate_kw)
 
     def __iter__(self) -> PackIterator:
-        return PackIterator(self._parent.__iter__(), **self._kw)
+        return PackIterator(self._parent.__iter__(), self._spec)
 
 
 class PackIterator(grain.DatasetIterator):
-    def __init__(
-        self,
-        parent: grain.DatasetIterator,
-        *,
-        batch_size: int,
-        capacity: int,
-        pack_max: int,
-        drop_remainder: bool,
-        collate_kw: dict[str, Any],
-    ):
+    def __init__(self, parent: grain.DatasetIterator, spec: PackSpec):
         super().__init__(parent)
-        self._b, self._cap, self._k = batch_size, capacity, pack_max
-        self._drop, self._collate_kw = drop_remainder, collate_kw
+        self._b, self._cap, self._k = spec.batch_size, spec.capacity, spec.pack_max
+        self._drop, self._collate_kw = spec.drop_remainder, spec.collate_kw
         self._carry: tuple[Any, Any] | None = None  # (sample, upstream state before it)
 
     def __next__(self) -> Batch:
