@@ -20,9 +20,8 @@ probability is <= 1 - top_p, keep at least one). Temperature 0 is greedy (argmax
 penalty). After a stop id a row emits `pad_id`; `lengths` counts tokens up to and including
 the stop token.
 
-Progress: `generate(on_step=f)` compiles a `jax.debug.callback` (unordered) into the decode loop
-that calls f(tokens generated so far) on the host after each step; without `on_step` nothing is
-compiled in (the loop and its speed are as before).
+`generate(on_step=f)` compiles an unordered `jax.debug.callback` into the decode loop (f gets
+the tokens generated so far: a progress bar); without it nothing is compiled in.
 """
 
 from __future__ import annotations
