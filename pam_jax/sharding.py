@@ -257,3 +257,29 @@ def unannotated_params(model: nnx.Module) -> list[str]:
         if isinstance(v, nnx.Param) and np.ndim(v.get_value()) > 0 and param_names(v) is None:
             out.append("/".join(map(str, path)))
     return out
+
+
+def linear(
+    din: int,
+    dout: int,
+    rngs: nnx.Rngs,
+    *,
+    axes: tuple[str, str],
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = np.float32,
+    kernel_init: Any = None,
+) -> nnx.Linear:
+    """nnx.Linear whose kernel and bias carry logical axis names (every model's linear layer)."""
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        kernel_metadata={"out_sharding": axes},
+        bias_metadata={"out_sharding": (axes[1],)},
+        **init,
+    )

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pam_jax import sharding
 from pam_jax.llm import attention as attn
 from pam_jax.llm.config import REMAT, Qwen2Config
 from pam_jax.sharding import constrain
@@ -45,17 +46,10 @@ class KVCache(NamedTuple):
 def _linear(
     din: int, dout: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs, dtype, param_dtype
 ) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
+    return sharding.linear(
+        din, dout, rngs, axes=axes, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata={"out_sharding": axes},
-        bias_metadata={"out_sharding": (axes[1],)},
-    )
+    )  # fmt: skip
 
 
 class Qwen2RMSNorm(nnx.Module):

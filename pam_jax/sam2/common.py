@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pam_jax import sharding
+
 
 def pow2_bucket(n: int, lo: int = 1) -> int:
     """n rounded up to a power of two (at least `lo`): padded prompt / slot counts take few
@@ -30,16 +32,8 @@ def linear(
     use_bias: bool = True,
     dtype=None,
 ) -> nnx.Linear:
-    """nnx.Linear with logical axis names on kernel and bias."""
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=use_bias,
-        dtype=dtype,
-        rngs=rngs,
-        kernel_metadata={"out_sharding": axes},
-        bias_metadata={"out_sharding": (axes[1],)},
-    )
+    """`pam_jax.sharding.linear` with SAM 2's default axis names."""
+    return sharding.linear(din, dout, rngs, axes=axes, use_bias=use_bias, dtype=dtype)
 
 
 class MLP(nnx.Module):
