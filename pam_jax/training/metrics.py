@@ -47,8 +47,11 @@ def device_peak(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def model_flops(spec, positions: float, rows: int, seq_len: int, frames: int = 1) -> float:
-    """Model FLOPs of one optimizer step (see module docstring)."""
+def model_flops(
+    spec, positions: float, rows: int, seq_len: int, frames: int = 1, slots: int = 1
+) -> float:
+    """Model FLOPs of one optimizer step (see module docstring); `slots` samples per row (packed
+    batches: SAM 2 and the perceiver run on every slot)."""
     pc = spec.config
     trained = {spec.parts[k] for k in spec.trainable}
     llm = spec.count([k for k in spec.keys if spec.parts[k] == "llm"])
@@ -62,9 +65,9 @@ def model_flops(spec, positions: float, rows: int, seq_len: int, frames: int = 1
     flops = llm_mult * llm * positions + llm_mult / 2 * attn
     nvis = pc.video_embeds_len if frames > 1 else pc.image_embeds_len
     vis_mult = 6 if trained & set(vis_parts) else 2
-    flops += vis_mult * vis * nvis * rows
+    flops += vis_mult * vis * nvis * rows * slots
     sam_mult = 6 if trained & {"sam2_decoder", "sam2_encoder"} else 2
-    flops += sam_mult * sam2 * (pc.sam2.image_size // 16) ** 2 * frames * rows
+    flops += sam_mult * sam2 * (pc.sam2.image_size // 16) ** 2 * frames * rows * slots
     return float(flops)
 
 

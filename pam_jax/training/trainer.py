@@ -215,8 +215,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                 )
             last_loss = float(m["loss"])
             if step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                L, frames = local["text_ids"].shape[1], local["pixels"].shape[1]
-                flops = model_flops(spec, float(m["positions"]), cfg.batch_size, L, frames)
+                px = local["pixels"]  # [B, F, S, S, 3], packed [B, K, F, S, S, 3]
+                slots, frames = (px.shape[1], px.shape[2]) if px.ndim == 6 else (1, px.shape[1])
+                L = local["text_ids"].shape[1]
+                flops = model_flops(
+                    spec, float(m["positions"]), cfg.batch_size, L, frames, slots=slots
+                )
                 rec = {
                     "step": step,
                     "loss": last_loss,
