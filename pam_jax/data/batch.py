@@ -40,14 +40,15 @@ class Batch(Layout):
     [B, P]; gt_masks uint8 [B, F, S, S], mask_valid [B, F], has_mask [B]; is_video [B];
     example_valid [B]; source_index [B] (mixture component); record_index [B] (index of the
     record in its component, -1 on padding rows); orig_hw [B, 2]; num_visual [B] (1042 image /
-    5168 video rows, 0 on padding; a batch may mix both).
+    5168 video rows, 0 on padding; a batch may mix both); truncated [B] the text tokens
+    `make_example` cut to fit `model_max_length` (0: none, and on padding rows).
 
     Packed (`collate_packed`, `packed` True): segment_ids 1..K per sample; the per-sample
     fields take a slot axis after the row: pixels [B, K, F, S, S, 3], prompt_* [B, K, P, ...],
     gt_masks [B, K, F, S, S], mask_valid [B, K, F], has_mask, is_video, source_index,
-    record_index (-1 on empty slots), orig_hw [B, K, 2], num_visual [B, K] (0 on empty slots);
-    visual_index of slot k's positions is k * V + i (V = the batch's longest visual block).
-    example_valid [B] says the row holds a sample.
+    record_index (-1 on empty slots), orig_hw [B, K, 2], num_visual, truncated [B, K] (0 on
+    empty slots); visual_index of slot k's positions is k * V + i (V = the batch's longest
+    visual block). example_valid [B] says the row holds a sample.
     """
 
     labels: np.ndarray
@@ -65,6 +66,7 @@ class Batch(Layout):
     record_index: np.ndarray
     orig_hw: np.ndarray
     num_visual: np.ndarray
+    truncated: np.ndarray
 
     @property
     def batch_size(self) -> int:
@@ -253,6 +255,7 @@ def _build(
     is_video = np.zeros(b * k, bool)
     orig_hw = np.zeros((b * k, 2), np.int32)
     num_visual = np.zeros(b * k, np.int32)
+    cut = np.zeros(b * k, np.int32)
     src = np.zeros(b * k, np.int32)
     rec = np.full(b * k, -1, np.int32)
     for q in np.flatnonzero(used):
@@ -267,6 +270,7 @@ def _build(
         orig_hw[q] = e.orig_hw
         if ex_ok[q]:
             num_visual[q] = e.num_visual
+            cut[q] = e.truncated
             src[q] = 0 if source_index is None else int(source_index[i])
             rec[q] = -1 if record_index is None else int(record_index[i])
     mask_valid &= ex_ok[:, None]
@@ -299,4 +303,5 @@ def _build(
         record_index=per(rec),
         orig_hw=per(orig_hw),
         num_visual=per(num_visual),
+        truncated=per(cut),
     )

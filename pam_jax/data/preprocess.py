@@ -19,7 +19,9 @@ What the release does (`llava/train/train.py`, `pam.md` §1.8, §1.12, §8.1), a
   supervised whole. `unmask_template_tokens` (default True, the release's LLaVA-OneVision quirk)
   then un-masks EVERY standalone newline, `<|im_start|>` and `<|im_end|>` token, by the
   tokenizer's own ids (the release hard-codes 198). The visual block sits where `<image>` was;
-  its positions are ignored. Sequences longer than `model_max_length` are cut at the end.
+  its positions are ignored. Sequences longer than `model_max_length` are cut at the end
+  (the text after the visual block loses its tail, ids and labels alike; `Example.truncated`
+  says how many tokens went; the visual block is never cut).
   Not copied: the release's silent retry / substitution of failing records (reported instead).
 """
 
@@ -69,7 +71,8 @@ class Example:
     pixels uint8 [F, S, S, 3] (F = 1 for images); prompt on frame 0 in model pixels;
     ids_before + visual + ids_after is the LLM sequence, labels_* aligned (-100 ignored);
     gt_masks uint8 [F, S, S] (0 / 1) or None, mask_valid [F] which frames have one;
-    frame_index [F] the chosen frames of the record; orig_hw the stored pictures' (H, W)."""
+    frame_index [F] the chosen frames of the record; orig_hw the stored pictures' (H, W);
+    truncated: text tokens cut at the end to fit `model_max_length` (0: none)."""
 
     id: str
     source: str
@@ -86,6 +89,7 @@ class Example:
     frame_index: np.ndarray
     orig_hw: tuple[int, int]
     num_visual: int
+    truncated: int = 0
 
     @property
     def length(self) -> int:
@@ -311,6 +315,7 @@ def make_example(
             f"model_max_length {cfg.model_max_length} leaves no room for the {nv} visual "
             f"embeddings after {len(ib)} text tokens"
         )
+    cut = max(0, len(ia) - room)
     ia, la = ia[:room], la[:room]
     return Example(
         record.id,
@@ -328,4 +333,5 @@ def make_example(
         index.astype(np.int32),
         (int(hw[0]), int(hw[1])),
         nv,
+        cut,
     )

@@ -7,6 +7,9 @@ resume.
   tests.
 - anything else: `pam_jax.data.pipeline.make_dataset` (a prepared dataset directory, a mixture
   YAML, or a JSONL with `image_root`), sharded by process.
+
+`last_truncated`: how many of the samples in this process's last batch were cut to fit
+`model_max_length` (`pam_jax.data.preprocess.Example.truncated`; synthetic rows never are).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class SyntheticSource:
         self.pi, self.pc = process_index, process_count
         self.index = 0
         self.num_sources = 1
+        self.last_truncated = 0
 
     @property
     def num_visual(self) -> int:
@@ -94,12 +98,15 @@ class PipelineSource:
         self.num_sources = len(entries)
         self.masks = cfg.seg_loss > 0
         self.seq_len = seq_len
+        self.last_truncated = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return batch_lib.step_arrays(next(self.it), masks=self.masks)
+        b = next(self.it)
+        self.last_truncated = int(np.count_nonzero(b.truncated))  # 0 on padding rows / slots
+        return batch_lib.step_arrays(b, masks=self.masks)
 
     def get_state(self) -> dict[str, Any]:
         return {"kind": "pipeline", "iterator": self.it.get_state()}

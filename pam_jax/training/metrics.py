@@ -119,6 +119,8 @@ class RunLog:
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if rec.get("mfu") is not None:
                 post["mfu"] = f"{rec['mfu']:.1%}"
+            if rec.get("truncated_total"):  # samples cut at model_max_length so far
+                post["cut"] = str(rec["truncated_total"])
             self._bar.set_postfix(post)
 
     def advance(self, n: int = 1) -> None:

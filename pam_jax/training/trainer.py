@@ -8,6 +8,15 @@ Workdir layout:
     tb/                 TensorBoard events (tensorboardX, no TensorFlow)
     loss.png            loss curves, written at the end
     export/             a model directory (`pam-jax predict` / `pam-jax eval` load it)
+
+metrics.jsonl keys: step (updates done before this batch), loss (the global batch's mean NLL
+over its supervised tokens, before the update), learning_rate, grad_norm (before clipping),
+tokens (supervised tokens), tokens_per_s (non-padding LLM positions / s), mfu (null without a
+known peak), step_time_s, truncated (samples of this step's global batch whose text was cut at
+model_max_length), truncated_total (such samples in steps 0..step, exact over --resume: kept
+in the checkpoint's data state); seg_loss with seg_loss > 0; for a mixture of several sources,
+per source with tokens in the batch: loss/NAME (its tokens' mean NLL) and tokens/NAME (its
+supervised tokens), so loss == sum(loss/NAME x tokens/NAME) / tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from pam_jax.training.model import ModelSpec, load_model, spec_for
 from pam_jax.training.optim import make_optimizer
 from pam_jax.training.step import Trainer, TrainState, make_run_mesh
 
+# the data state's key (beside the iterator's) for the samples cut at model_max_length so far
+TRUNCATED_TOTAL = "truncated_total"
 # keys that may change on --resume (they do not change the math of the steps already run)
 RESUMABLE = {
     "steps", "workdir", "log_every", "save_every", "keep", "eval_every", "eval_data", "export",
@@ -134,6 +145,15 @@ class _Signals:
             signal.signal(s, h)
 
 
+def _all_processes_sum(n: int) -> int:
+    """The sum of a host-side count over all processes (every process calls it)."""
+    if jax.process_count() == 1:
+        return int(n)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(n))))
+
+
 def _host(m: dict[str, Any]) -> dict[str, Any]:
     return {k: np.asarray(jax.device_get(v)) for k, v in m.items()}
 
@@ -178,11 +198,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
         last = ckpt.latest_step()
         target = jax.eval_shape(lambda: trainer.init_state(trainable, cfg.seed))
         state, data_state = ckpt.restore(last, target, trainer.state_shardings)
+        truncated_total = int(data_state.pop(TRUNCATED_TOTAL, 0))
         source.set_state(data_state)
         start = int(jax.device_get(state.step))
         runlog.truncate(start)
     else:  # a fresh start (or a resume killed before its first checkpoint)
         state = trainer.init_state(trainable, cfg.seed)
+        truncated_total = 0
         runlog.truncate(0)
     peak = device_peak()
     runlog.start(start)
@@ -190,14 +212,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     last_loss = None
     t_prev = time.perf_counter()
     step = start
-    truncated = 0  # this process's rows cut at model_max_length since (re)start
     evaluator = None
     last_val: tuple[int, dict] | None = None  # (step, metrics) of the last validation
     with _Signals() as sig:
         while step < cfg.steps:
             local = next(source)
-            # rows at model_max_length were cut by the data pipeline (the release cuts too)
-            truncated += int(np.sum(local["mask"].sum(axis=1) >= cfg.model_max_length))
+            # samples the data pipeline cut at model_max_length (the release cuts too)
+            truncated = _all_processes_sum(source.last_truncated)
+            truncated_total += truncated
             gb = batch_lib.global_batch(mesh, local)
             state, m = trainer.step(state, frozen_dev, gb)
             m = _host(m)
@@ -231,6 +253,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                     "tokens": int(m["tokens"]),
                     "step_time_s": dt,
                     "truncated": truncated,
+                    "truncated_total": truncated_total,
                 }
                 if "seg_loss" in m:
                     rec["seg_loss"] = float(m["seg_loss"])
@@ -239,6 +262,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
                             source.num_sources))):  # fmt: skip
                         if m["source_tokens"][i] > 0:
                             rec[f"loss/{name}"] = float(m["source_loss"][i])
+                            rec[f"tokens/{name}"] = int(m["source_tokens"][i])
                 runlog.log(rec)
             runlog.advance()
             step += 1
@@ -260,13 +284,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
             due = cfg.save_every and step % cfg.save_every == 0
             if (due or val is not None) and step < cfg.steps:
                 metrics = None if val is None else last_val[1]
-                ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
+                data_state = {**source.get_state(), TRUNCATED_TOTAL: truncated_total}
+                ckpt.save(step, state, data_state, cfg.to_dict(), metrics=metrics)
     if ckpt.latest_step() != step:
         metrics = last_val[1] if last_val is not None and last_val[0] == step else None
-        ckpt.save(step, state, source.get_state(), cfg.to_dict(), metrics=metrics)
+        data_state = {**source.get_state(), TRUNCATED_TOTAL: truncated_total}
+        ckpt.save(step, state, data_state, cfg.to_dict(), metrics=metrics)
     ckpt.close()
     runlog.close()
-    summary = {"step": step, "loss": last_loss, "stopped_by_signal": stopped}
+    summary = {"step": step, "loss": last_loss, "truncated_total": truncated_total,
+               "stopped_by_signal": stopped}  # fmt: skip
     if stopped is None:
         runlog.plot()
         if cfg.export:

@@ -126,7 +126,20 @@ def test_image_example_box_pixels_and_truncation(tmp_path, tokenizer):
     cfg = PreprocessConfig(image_size=32, num_visual=7, model_max_length=60)
     ex2, _ = _example(tmp_path, tokenizer, image_record(bbox=None), cfg)
     assert ex2.prompt.labels.tolist() == [1, 1, 0, 1, 0] and ex2.length == 60
-    np.testing.assert_array_equal(ex2.ids_after, ex.ids_after[: 60 - 7 - len(ex.ids_before)])
+    room = 60 - 7 - len(ex.ids_before)
+    np.testing.assert_array_equal(ex2.ids_after, ex.ids_after[:room])
+    # the cut: the text's tail only, labels cut alike, the visual block whole, and counted
+    np.testing.assert_array_equal(ex2.labels_after, ex.labels_after[:room])
+    np.testing.assert_array_equal(ex2.ids_before, ex.ids_before)
+    np.testing.assert_array_equal(ex2.labels_before, ex.labels_before)
+    assert ex2.num_visual == 7 and ex.truncated == 0
+    assert ex2.truncated == len(ex.ids_after) - room > 0
+    b = collate([ex2, ex], seq_bucket=64, batch_size=3)
+    assert b.truncated.tolist() == [ex2.truncated, 0, 0]
+    k = len(ex.ids_before)
+    assert b.is_visual[0, k : k + 7].all() and b.is_visual[0].sum() == 7
+    np.testing.assert_array_equal(b.labels[0, k + 7 : 60], ex2.labels_after)
+    assert (b.labels[0, 60:] == -100).all() and b.lengths[0] == 60
 
 
 def test_augmentation_follows_release(tmp_path, tokenizer):

@@ -23,17 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from PIL import Image
 
-from pam_jax.checkpoint import random_normal_params
 from pam_jax.pam.assembly import select_frames
-from pam_jax.pam.model import PAM, image_regions, save_pam, video_regions
+from pam_jax.pam.model import image_regions, video_regions
 from pam_jax.sam2.video_io import normalize
 from pam_jax.training.config import TrainConfig
-from pam_jax.training.model import pam_config_for
 from pam_jax.training.trainer import train
-from tests.data.conftest import make_tokenizer
+from tests.train.conftest import write_micro_pam
 
 SYSTEM = "You are a helpful assistant."
 HW = (48, 64)
@@ -43,16 +40,7 @@ BBOX = [4.6, 5.2, 20.7, 10.9]  # xywh with fractions: the release truncates x, y
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ref")
-    tok = make_tokenizer()
-    tdir = d / "tok"
-    tdir.mkdir()
-    tok.tok.save(str(tdir / "tokenizer.json"))
-    (tdir / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    )
-    pc = pam_config_for(TrainConfig(model="models/micro-pam.json"))
-    model = random_normal_params(lambda: PAM(pc, rngs=nnx.Rngs(0)), seed=3, std=0.05)
-    save_pam(model, d / "pam", tokenizer_dir=tdir)
+    _, model, tok = write_micro_pam(d)
     rs = np.random.RandomState(0)
     for i in range(16):
         Image.fromarray(rs.randint(0, 255, (*HW, 3), np.uint8)).save(d / f"f{i:02d}.png")
