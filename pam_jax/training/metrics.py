@@ -1,14 +1,16 @@
 """Model FLOPs, MFU and the run's logs (metrics.jsonl, eval.jsonl, TensorBoard, progress bar,
 loss PNG).
 
-Model FLOPs per step (the count MFU uses):
-- LLM: 6 x parameters x tokens when the LLM trains, 4 x when it is frozen but gradients pass
-  through it to the visual parts (forward 2 + input-gradient backward 2), 2 x when nothing
-  before it trains; tokens = non-padding LLM positions (visual ones included); plus causal
-  attention 2 x 2 x layers x T^2 / 2 x q_dim per sequence (x3 / x2 / x1 likewise).
-- perceiver + projectors: 6 (trained) / 2 (frozen) x parameters x the visual tokens they map.
-- SAM 2: 2 x parameters x (S / 16)^2 per frame forward (6 x if a SAM 2 part trains); a lower
-  bound (Hiera's early stages run at stride 4 / 8).
+Model FLOPs per step (the count MFU uses), over the model's stages in data-flow order, SAM 2
+encoder -> SAM 2 decoder -> visual path (perceiver, projectors, newlines) -> LLM: a stage costs
+6 x parameters x its tokens when it trains, 4 x when it is frozen but a stage before it trains
+(gradients pass through it: forward 2 + input-gradient backward 2), 2 x otherwise (forward
+only). Tokens:
+- LLM: non-padding LLM positions (visual ones included); plus causal attention
+  2 x 2 x layers x T^2 / 2 x q_dim per sequence (x3 / x2 / x1 likewise);
+- visual path: the visual tokens it maps per sample;
+- SAM 2 encoder and decoder: (S / 16)^2 per frame; a lower bound (Hiera's early stages run at
+  stride 4 / 8).
 The compiler's own count (`cost_analysis`) is reported beside it by `--compile-only`.
 """
 
@@ -47,6 +49,15 @@ def device_peak(device: jax.Device | None = None) -> float | None:
     return None
 
 
+# the model's stages in data-flow order -> their train parts
+STAGES = {
+    "sam2_encoder": ("sam2_encoder",),
+    "sam2_decoder": ("sam2_decoder",),
+    "visual": ("perceiver", "projectors", "newlines"),
+    "llm": ("llm",),
+}
+
+
 def model_flops(
     spec, positions: float, rows: int, seq_len: int, frames: int = 1, slots: int = 1
 ) -> float:
@@ -54,20 +65,21 @@ def model_flops(
     batches: SAM 2 and the perceiver run on every slot)."""
     pc = spec.config
     trained = {spec.parts[k] for k in spec.trainable}
-    llm = spec.count([k for k in spec.keys if spec.parts[k] == "llm"])
-    vis_parts = ("perceiver", "projectors", "newlines")
-    vis = spec.count([k for k in spec.keys if spec.parts[k] in vis_parts])
-    sam2 = spec.count([k for k in spec.keys if spec.parts[k].startswith("sam2")])
-    upstream = bool(trained & {*vis_parts, "sam2_decoder", "sam2_encoder"})
-    llm_mult = 6 if "llm" in trained else 4 if upstream else 2
+    mult, before = {}, False  # stage -> 6 / 4 / 2 (module doc), in data-flow order
+    for stage in STAGES:
+        on = bool(trained & set(STAGES[stage]))
+        mult[stage] = 6 if on else 4 if before else 2
+        before |= on
+    n = {st: spec.count([k for k in spec.keys if spec.parts[k] in STAGES[st]]) for st in STAGES}
     q = pc.llm.num_attention_heads * pc.llm.head_dim
     attn = 2 * 2 * pc.llm.num_hidden_layers * seq_len * seq_len / 2 * q * rows
-    flops = llm_mult * llm * positions + llm_mult / 2 * attn
+    flops = mult["llm"] * (n["llm"] * positions + attn / 2)
     nvis = pc.video_embeds_len if frames > 1 else pc.image_embeds_len
-    vis_mult = 6 if trained & set(vis_parts) else 2
-    flops += vis_mult * vis * nvis * rows * slots
-    sam_mult = 6 if trained & {"sam2_decoder", "sam2_encoder"} else 2
-    flops += sam_mult * sam2 * (pc.sam2.image_size // 16) ** 2 * frames * rows * slots
+    flops += mult["visual"] * n["visual"] * nvis * rows * slots
+    sam_tokens = (pc.sam2.image_size // 16) ** 2 * frames * rows * slots
+    flops += (
+        mult["sam2_encoder"] * n["sam2_encoder"] + mult["sam2_decoder"] * n["sam2_decoder"]
+    ) * sam_tokens
     return float(flops)
 
 

@@ -83,8 +83,13 @@ def test_print_config_cli(capsys):
 
 
 @pytest.fixture(scope="module")
-def spec():
-    return spec_for(abstract_model(MICRO), MICRO.parts)
+def micro_model():
+    return abstract_model(MICRO)
+
+
+@pytest.fixture(scope="module")
+def spec(micro_model):
+    return spec_for(micro_model, MICRO.parts)
 
 
 def test_parts_cover_every_parameter(spec):
@@ -153,3 +158,57 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     prepare_workdir(cfg, resume=True)
     with pytest.raises(C.ConfigError, match="differs in loss_chunk"):
         prepare_workdir(cfg.replace(loss_chunk=256), resume=True)
+
+
+@pytest.mark.parametrize(
+    "parts, frames, mult",
+    [  # (SAM 2 encoder, SAM 2 decoder, visual path, LLM): 6 trained, 4 behind one, 2 forward
+        ("perceiver,projectors,newlines,llm", 1, (2, 2, 6, 6)),  # stage 2
+        ("perceiver,projectors,newlines", 1, (2, 2, 6, 4)),  # stage 1: LLM passes gradients
+        ("perceiver,projectors,newlines", 16, (2, 2, 6, 4)),  # stage 1.5 video sample
+        ("llm", 1, (2, 2, 2, 6)),
+        ("sam2_decoder", 1, (2, 6, 4, 4)),  # the encoder before it runs forward only
+        ("sam2_encoder,llm", 1, (6, 4, 4, 6)),
+    ],
+)
+def test_model_flops_multipliers(micro_model, parts, frames, mult):
+    """metrics.model_flops against the README's count, written out here with parameter counts
+    taken by key prefix (not through the spec's part table)."""
+    from pam_jax.training.metrics import model_flops
+
+    spec = spec_for(micro_model, tuple(parts.split(",")))
+    pc = spec.config
+
+    def size(*prefixes):
+        return sum(int(np.prod(spec.shapes[k])) for k in spec.keys if k.startswith(prefixes))
+
+    enc, llm, vis = size("sam2.image_encoder."), size("llm."), size("parts.")
+    dec = size("sam2.") - enc
+    positions, rows, seq_len = 900.0, 4, 256
+    m_enc, m_dec, m_vis, m_llm = mult
+    q = pc.llm.num_attention_heads * pc.llm.head_dim
+    attn = 2 * 2 * pc.llm.num_hidden_layers * seq_len**2 / 2 * q * rows  # causal, forward
+    nvis = pc.video_embeds_len if frames > 1 else pc.image_embeds_len
+    sam_tokens = (pc.sam2.image_size // 16) ** 2 * frames * rows
+    want = (
+        m_llm * llm * positions + m_llm / 2 * attn + m_vis * vis * nvis * rows
+        + (m_enc * enc + m_dec * dec) * sam_tokens
+    )  # fmt: skip
+    got = model_flops(spec, positions, rows, seq_len, frames)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # packed rows: the per-sample visual and SAM 2 work once per slot, the LLM's per row
+    two = model_flops(spec, positions, rows, seq_len, frames, slots=2)
+    extra = m_vis * vis * nvis * rows + (m_enc * enc + m_dec * dec) * sam_tokens
+    np.testing.assert_allclose(two - got, extra, rtol=1e-9)
+
+
+def test_compute_dtype_default(monkeypatch):
+    """dtype=auto: float32 on CPU, bfloat16 on accelerators; explicit values win."""
+    import jax.numpy as jnp
+
+    from pam_jax.training import model as M
+
+    assert M.compute_dtype(MICRO.replace(dtype="auto")) == jnp.float32  # this CPU host
+    monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+    assert M.compute_dtype(MICRO.replace(dtype="auto")) == jnp.bfloat16
+    assert M.compute_dtype(MICRO.replace(dtype="float32")) == jnp.float32
