@@ -52,10 +52,13 @@ def run(args) -> int:
         return 2
     try:
         if args.compile_only:
-            from pam_jax.training.compile import compile_only
+            from pam_jax.training.compile import compile_only, no_fit_message
 
             report = compile_only(cfg, topology=args.topology)
-            return 0 if report["fits"] else 3
+            if not report["fits"]:
+                print(f"pam-jax train: {no_fit_message(report)}", file=sys.stderr)
+                return 3
+            return 0
         from pam_jax.training.distributed import maybe_initialize
         from pam_jax.training.trainer import TrainingError, export_step, train
 

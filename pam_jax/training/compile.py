@@ -142,6 +142,21 @@ def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool =
     return report
 
 
+def no_fit_message(report: dict) -> str:
+    """One line saying why a compiled step does not fit (`fits` False)."""
+    where = f"{report['chips']} x {report['device_kind']}"
+    if "error" in report:
+        return (
+            f"the step does not fit on {where}: the compiler ran out of memory ({report['error']})"
+        )
+    m = report["memory_per_chip_gib"]
+    return (
+        f"the step does not fit on {where}: {m['total']:.2f} GiB per chip (arguments "
+        f"{m['arguments']:.2f}, temporaries {m['temporaries']:.2f}, outputs {m['outputs']:.2f}) "
+        f"> {m['hbm']:.2f} GiB HBM; lower batch_size, raise grad_accum, use remat or more chips"
+    )
+
+
 def _largest(spec, trainer, n: int = 8) -> list[dict]:
     rows = []
     for k in spec.keys:

@@ -1,6 +1,7 @@
 """`pam-jax train --compile-only --topology v5e:2x4`: the micro config's sharded step lowers and
 compiles for an 8-chip TPU v5e slice on this CPU host (libtpu from the [tpu] extra), and the
-report holds memory, FLOPs and shardings. Subprocess: libtpu is loaded there only."""
+report holds memory, FLOPs and shardings. Subprocess: libtpu is loaded there only. A step that
+does not fit exits 3 with one line."""
 
 from __future__ import annotations
 
@@ -40,3 +41,42 @@ def test_unknown_topology_is_one_line(tmp_path):
                        text=True, timeout=600)  # fmt: skip
     assert r.returncode == 2
     assert "cannot describe TPU topology 'v9z:1x1'" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.heavy  # a CPU compile of the micro step: ~35 s on 2 busy cores
+def test_step_that_does_not_fit_is_one_line(tmp_path, monkeypatch, capsys):
+    """--compile-only on this CPU host, with the CPU given a 1 MiB "HBM": the real micro step
+    compiles, its per-chip total exceeds that, so the command exits 3 with one line naming the
+    sizes, and compile.json says fits false with the same total."""
+    from pam_jax.cli import main
+    from pam_jax.training import compile as CO
+
+    monkeypatch.setitem(CO.HBM, "cpu", 2**20)
+    argv = [
+        "train",
+        "--config",
+        "micro",
+        "--compile-only",
+        f"workdir={tmp_path}",
+        "batch_size=1",
+        "train_parts=llm",
+    ]  # the smallest backward: the visual path runs forward only
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the step does not fit on 1 x cpu" in err[0], err
+    rep = json.loads((tmp_path / "compile.json").read_text())
+    mem = rep["memory_per_chip_gib"]
+    assert rep["fits"] is False and mem["hbm"] == 2**20 / 2**30 < mem["total"]
+    assert f"{mem['total']:.2f} GiB per chip" in err[0]
+
+
+def test_compiler_out_of_memory_is_one_line():
+    """A compile that fails with RESOURCE_EXHAUSTED is reported (fits false) in one line that
+    names the chips and keeps the compiler's first line."""
+    from pam_jax.training.compile import no_fit_message
+
+    err = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory"
+    rep = {"chips": 256, "device_kind": "TPU v5 lite", "fits": False, "error": err}
+    msg = no_fit_message(rep)
+    assert "\n" not in msg and msg.startswith("the step does not fit on 256 x TPU v5 lite")
+    assert "RESOURCE_EXHAUSTED" in msg
