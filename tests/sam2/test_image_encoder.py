@@ -71,6 +71,9 @@ def test_torch_bicubic_resize(hw_in, hw_out):
         ((1024, 1024), (256, 256), True, 2e-5),
         ((100, 150), (37, 41), True, 2e-5),
         ((100, 150), (37, 41), False, 2e-5),
+        # the generator's full-size upsample: non-integer ratio, one axis up, one down
+        ((256, 256), (1024, 1536), False, 2e-5),
+        ((100, 150), (200, 75), False, 2e-5),
         # torch's AA upscaling kernel differs from its own plain bilinear by ~1e-5 relative
         # (values here span +-40, so 1e-3 absolute)
         ((256, 256), (480, 640), True, 1e-3),
