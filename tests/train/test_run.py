@@ -76,14 +76,16 @@ def uninterrupted(tmp_path_factory, cache):
     return wd
 
 
-def test_run_writes_logs_and_export(uninterrupted):
+def test_run_writes_logs_and_export(uninterrupted, cache):
     wd = uninterrupted
+    assert any(cache.rglob("*")), "the persistent compilation cache is empty"
     losses = _losses(wd)
     assert sorted(losses) == list(range(STEPS))
     rec = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
     for k in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"):
         assert k in rec
     assert rec["mfu"] is None  # CPU: no datasheet peak
+    assert rec["truncated"] == rec["truncated_total"] == 0  # synthetic rows are never cut
     assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
     assert json.loads((wd / "config.json").read_text())["steps"] == STEPS
     assert "jax" in json.loads((wd / "versions.json").read_text())
