@@ -68,6 +68,31 @@ def main(argv=None) -> int:
             recs = gen.generate(im)
             tot.append(time.perf_counter() - t0)
     n = len(tot)
+    # the decoder alone over the same 16 x 64 points (what the filtering adds is the rest)
+    from pam_jax.prepared import merge
+
+    feats = amg.encode_image(gen._prep, images[0], image_size)
+    nb, b = -(-pps * pps // 64), 64
+    xy = jnp.asarray(np.random.default_rng(0).uniform(0, image_size, (nb, b, 2)), jnp.float32)
+
+    @jax.jit
+    def decode_only(leaves, feats, xy):
+        m = merge(gen._prep.structure, leaves)
+
+        def one(p):
+            out = m.decode_prompts(
+                feats["image_embed"], feats["high_res_feats"], p[:, None, :],
+                jnp.ones((b, 1), jnp.int32), multimask_output=True,
+            )  # fmt: skip
+            return out.masks.astype(jnp.float32).sum(), out.iou_pred.sum()
+
+        return jax.lax.map(one, xy)
+
+    jax.block_until_ready(decode_only(gen._prep.leaves, feats, xy))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(decode_only(gen._prep.leaves, feats, xy))
+    times["decoder alone (no upsample/filter)"] = [(time.perf_counter() - t0) / 3 * n]
     print(f"device {jax.devices()[0].device_kind}; images {hw}; masks per image {len(recs)}")
     print(f"generate total: median {np.median(tot) * 1e3:.1f} ms")
     for k, v in times.items():
