@@ -214,7 +214,11 @@ def pam_config_for(cfg: TrainConfig) -> PAMConfig:
             q = Qwen2Config.from_dict(read_model_config(cfg.llm, "qwen2")["config"])
         else:
             q = _preset(cfg.llm, "llm")
-        pc = PAMConfig(sam2=s, llm=q)
+        # the release's perceiver (hard-coded at 256 = every official SAM 2's d_model) at this
+        # SAM 2's width, so a smaller SAM 2 gets a fresh PAM too
+        from pam_jax.pam.config import PerceiverConfig
+
+        pc = PAMConfig(sam2=s, llm=q, perceiver=PerceiverConfig(embedding_dim=s.d_model))
     if cfg.image_size and cfg.image_size != pc.sam2.image_size:
         pc = pc.replace(sam2=pc.sam2.replace(image_size=cfg.image_size))
     return pc.replace(llm=_training_llm_config(pc.llm, cfg))

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.data.conftest import make_tokenizer
 
 
@@ -31,3 +33,9 @@ def write_micro_pam(d: Path, *, seed: int = 3, std: float = 0.05) -> tuple[Path,
     model = random_normal_params(lambda: PAM(pc, rngs=nnx.Rngs(0)), seed=seed, std=std)
     save_pam(model, d / "pam", tokenizer_dir=tdir)
     return d / "pam", model, tok
+
+
+@pytest.fixture(scope="session")
+def micro_pam(tmp_path_factory) -> tuple[Path, Any, Any]:
+    """`write_micro_pam` once per session (read-only for the tests that share it)."""
+    return write_micro_pam(tmp_path_factory.mktemp("micro_pam"))

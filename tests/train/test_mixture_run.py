@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from tests.data.conftest import write_image, write_jsonl
-from tests.train.conftest import write_micro_pam
 
 MAX_LEN = 192  # model_max_length = seq_len: a cut record fills its row exactly
 SHORT = [{"from": "human", "value": "<image>\nName it."}, {"from": "gpt", "value": "A cat."}]
@@ -36,9 +35,9 @@ def _record(i: int, conv) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, micro_pam):
     d = tmp_path_factory.mktemp("mix")
-    model_dir, _, _ = write_micro_pam(d)
+    model_dir = micro_pam[0]
     for i in range(6):
         write_image(d / "img" / f"i{i}.png", seed=i)
     write_jsonl(d / "short.jsonl", [_record(i, SHORT) for i in range(3)])

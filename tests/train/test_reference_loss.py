@@ -30,7 +30,6 @@ from pam_jax.pam.model import image_regions, video_regions
 from pam_jax.sam2.video_io import normalize
 from pam_jax.training.config import TrainConfig
 from pam_jax.training.trainer import train
-from tests.train.conftest import write_micro_pam
 
 SYSTEM = "You are a helpful assistant."
 HW = (48, 64)
@@ -38,9 +37,10 @@ BBOX = [4.6, 5.2, 20.7, 10.9]  # xywh with fractions: the release truncates x, y
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, micro_pam):
     d = tmp_path_factory.mktemp("ref")
-    _, model, tok = write_micro_pam(d)
+    pam_dir, model, tok = micro_pam
+    (d / "pam").symlink_to(pam_dir)
     rs = np.random.RandomState(0)
     for i in range(16):
         Image.fromarray(rs.randint(0, 255, (*HW, 3), np.uint8)).save(d / f"f{i:02d}.png")
