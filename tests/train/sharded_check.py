@@ -11,7 +11,8 @@ equal the one-device ones (atol 2e-7 with lr 1e-3 and adam_eps 1e-3, so an updat
 in the gradient and sharded reduction-order noise (~1e-7 relative) moves parameters by
 ~1e-10); frozen parameters (SAM 2) are bit-identical and have no optimizer state; every
 trained tensor gets an update (exemptions stated below). With --accum: grad_accum=2 over the
-same global batch equals grad_accum=1 (same tolerances).
+same global batch equals grad_accum=1 (same tolerances). Also: a mesh that does not divide
+the 8 devices and a batch the mesh cannot split are one-line errors.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flax import nnx  # noqa: E402
 from pam_jax.checkpoint import flat_params, random_normal_params  # noqa: E402
 from pam_jax.pam.model import PAM  # noqa: E402
 from pam_jax.training import batch as B  # noqa: E402
-from pam_jax.training.config import TrainConfig  # noqa: E402
+from pam_jax.training.config import ConfigError, TrainConfig  # noqa: E402
 from pam_jax.training.model import pam_config_for, spec_for  # noqa: E402
 from pam_jax.training.optim import make_optimizer  # noqa: E402
 from pam_jax.training.step import Trainer, make_run_mesh  # noqa: E402
@@ -87,6 +88,22 @@ def check_sharded(spec, state, mesh_shape):
     return n_checked
 
 
+def check_errors(spec) -> None:
+    """On 8 devices: a mesh that does not divide them and a batch the mesh cannot split are
+    one-line ConfigErrors (no compile needed)."""
+    for mesh, batch, words in (("3,-1,1", 8, "does not fit 8 devices"),
+                               ("2,2,2", 6, "cannot split over its 4 batch shards")):  # fmt: skip
+        try:
+            cfg = CFG.replace(batch_size=batch, mesh=mesh)
+            Trainer.build(cfg, spec, make_optimizer(cfg, spec), make_run_mesh(mesh)).check_batch(
+                batch
+            )
+        except ConfigError as e:
+            assert words in str(e) and "\n" not in str(e), str(e)
+        else:
+            raise AssertionError(f"mesh {mesh} with batch {batch} was accepted on 8 devices")
+
+
 def main(argv) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     accum = "--accum" in argv
@@ -129,6 +146,7 @@ def main(argv) -> int:
             for p in path
         }
         assert not (opt_keys & spec.frozen), "frozen parameters got optimizer state"
+    check_errors(spec)
     if accum:
         shape = meshes[0] if meshes else (2, 2, 2)
         cfg2 = CFG.replace(grad_accum=2)
