@@ -12,6 +12,7 @@ a compile that runs out of memory is reported the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -66,12 +67,30 @@ def _abstract(tree, shardings):
     )
 
 
-def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool = True) -> dict:
-    """Compile the step and report memory / FLOPs (see module docstring)."""
-    devices = topology_devices(topology) if topology else jax.devices()
+@dataclasses.dataclass(frozen=True)
+class AbstractStep:
+    """The run's train step over abstract, sharded inputs (nothing allocated)."""
+
+    trainer: Trainer
+    spec: Any
+    mesh: Any
+    state: TrainState
+    frozen: dict[str, jax.ShapeDtypeStruct]
+    batch: dict[str, jax.ShapeDtypeStruct]
+    seq_len: int
+    frames: int
+
+    def lower(self):
+        with jax.set_mesh(self.mesh):
+            return self.trainer.step_fn.lower(self.state, self.frozen, self.batch)
+
+
+def abstract_step(cfg: TrainConfig, devices, *, accelerator: bool = False) -> AbstractStep:
+    """The step of `cfg` on `devices` with abstract inputs; `accelerator`: dtype=auto means
+    bfloat16 (a TPU topology compiled from this CPU host)."""
     mesh = make_run_mesh(cfg.mesh, devices)
     pc = pam_config_for(cfg)
-    cfg_dt = cfg if cfg.dtype != "auto" or not topology else cfg.replace(dtype="bfloat16")
+    cfg_dt = cfg if cfg.dtype != "auto" or not accelerator else cfg.replace(dtype="bfloat16")
     model = abstract_model(cfg_dt, pc)
     spec = spec_for(model, cfg.parts)
     tx = make_optimizer(cfg, spec)
@@ -93,6 +112,15 @@ def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool =
     )
     bsh = batch_lib.batch_shardings(mesh, batch)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
+    return AbstractStep(trainer, spec, mesh, state, frozen, batch, seq_len, frames)
+
+
+def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool = True) -> dict:
+    """Compile the step and report memory / FLOPs (see module docstring)."""
+    devices = topology_devices(topology) if topology else jax.devices()
+    step = abstract_step(cfg, devices, accelerator=bool(topology))
+    trainer, spec, mesh = step.trainer, step.spec, step.mesh
+    seq_len, frames = step.seq_len, step.frames
     kind = getattr(devices[0], "device_kind", str(devices[0].platform))
     report: dict[str, Any] = {
         "topology": topology, "device_kind": kind, "chips": len(devices),
@@ -103,8 +131,7 @@ def compile_only(cfg: TrainConfig, *, topology: str | None = None, write: bool =
     hbm = _lookup(HBM, kind)
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
-            lowered = trainer.step_fn.lower(state, frozen, batch)
+        lowered = step.lower()
         report["lower_s"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         compiled = lowered.compile()

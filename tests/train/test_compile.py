@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -80,3 +81,26 @@ def test_compiler_out_of_memory_is_one_line():
     msg = no_fit_message(rep)
     assert "\n" not in msg and msg.startswith("the step does not fit on 256 x TPU v5 lite")
     assert "RESOURCE_EXHAUSTED" in msg
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    """dtype=bfloat16, lowered (not compiled) on this host: the step's matmuls take bf16
+    operands, while the trained parameters and Adam moments it returns, and the loss, are
+    float32 (the master weights)."""
+    import re
+
+    import jax
+
+    from pam_jax.training.compile import abstract_step
+    from pam_jax.training.config import load_config
+
+    cfg = load_config("micro").replace(dtype="bfloat16", batch_size=2)
+    lowered = abstract_step(cfg, jax.devices()[:1]).lower()
+    state, metrics = lowered.out_info
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+    floats = {x.dtype for x in jax.tree.leaves(state.opt_state) if x.dtype.kind == "f"}
+    assert floats == {np.dtype(np.float32)} and metrics["loss"].dtype == np.float32
+    dots = re.findall(r"stablehlo\.dot_general.*?:\s*\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                      lowered.as_text())  # fmt: skip
+    bf16 = sum(a == b == "bf16" for a, b in dots)
+    assert len(dots) > 100 and bf16 >= 0.9 * len(dots), (bf16, len(dots))
