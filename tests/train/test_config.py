@@ -28,6 +28,11 @@ def test_named_configs_resolve():
     assert s2.parts == ("perceiver", "projectors", "newlines", "llm")
     assert (s1.batch_size, s2.batch_size) == (1024, 256)
     assert MICRO.validate() is MICRO
+    visual = ("perceiver", "projectors", "newlines")
+    for size in ("1.5b", "3b"):  # both sizes, every stage: SAM 2 frozen
+        for stage, parts in (("1", visual), ("1.5", visual), ("2", (*visual, "llm"))):
+            cfg = C.load_config(f"pam-{size}-stage{stage}")
+            assert cfg.parts == parts and cfg.model == f"pam-{size}", (size, stage)
 
 
 def test_overrides_are_typed():
