@@ -72,50 +72,20 @@ def torch_bicubic_resize(
     return _resize_separable(x, bicubic_matrix(h, out_hw[0]), bicubic_matrix(w, out_hw[1]), axes)
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's 2-tap bilinear sampling (align_corners=False) of n_in -> n_out: indices i0, i1
-    [n_out] int32 and the weight of i1 [n_out] float32. As torch's kernel: the scale in float32,
-    src = scale * (o + 0.5) - 0.5 evaluated in double then rounded to float, clamped at 0."""
-    scale = np.float64(np.float32(n_in) / np.float32(n_out))
-    o = np.arange(n_out, dtype=np.float64)
-    src = np.maximum((scale * (o + 0.5) - 0.5).astype(np.float32), np.float32(0))
-    i0 = np.floor(src).astype(np.int32)
-    i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
-    return i0, i1, (src - i0.astype(np.float32)).astype(np.float32)
-
-
-def _lerp_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
-    i0, i1, w1 = bilinear_taps(x.shape[axis], n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w1 = jnp.asarray(w1).reshape(shape)
-    return jnp.take(x, i0, axis=axis) * (1 - w1) + jnp.take(x, i1, axis=axis) * w1
-
-
 def resize_bilinear(
     x: jax.Array, out_hw: tuple[int, int], antialias: bool, axes: tuple[int, int] = (-3, -2)
 ) -> jax.Array:
     """torch `F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False, antialias=...)`.
 
-    Without antialias (and when upscaling, where antialias changes nothing but rounding): torch's
-    two taps per output pixel, gathered with static indices (`bilinear_taps`) so XLA fuses the
-    upsample into its consumers (thresholds, counts) instead of running it as a dense matmul
-    (the mask upsamples of the image / video predictors and the mask generator). Downscaling
-    with antialias: `jax.image.resize(method="linear")`, which widens the triangle by the
-    downscale factor exactly like torch's AA path (~1e-6); torch's separate AA kernel differs
-    from its own plain bilinear by ~1e-5 relative when upscaling, and we match torch to that
-    level there. Computed in float32, output in x.dtype; acts on `axes` (default [..., H, W, C]).
+    `jax.image.resize(method="linear")` samples at the same half-pixel centres, renormalises its
+    border weights (which equals torch's clamping) and, with antialias, widens the triangle by the
+    downscale factor exactly like torch's AA path (~1e-6). When upscaling, AA changes nothing in
+    JAX, while torch's separate AA kernel differs from its own plain bilinear by ~1e-5 relative;
+    we match torch to that level there.
+    Computed in float32, output in x.dtype; acts on `axes` (default [..., H, W, C]).
     """
     ah, aw = (a % x.ndim for a in axes)
-    upscale = out_hw[0] >= x.shape[ah] and out_hw[1] >= x.shape[aw]
-    if antialias and not upscale:
-        shape = list(x.shape)
-        shape[ah], shape[aw] = out_hw
-        y = jax.image.resize(x.astype(jnp.float32), tuple(shape), "linear", antialias=True)
-        return y.astype(x.dtype)
-    y = x.astype(jnp.float32)
-    for ax, n in ((ah, out_hw[0]), (aw, out_hw[1])):
-        if y.shape[ax] != n:
-            y = _lerp_axis(y, n, ax)
+    shape = list(x.shape)
+    shape[ah], shape[aw] = out_hw
+    y = jax.image.resize(x.astype(jnp.float32), tuple(shape), "linear", antialias=antialias)
     return y.astype(x.dtype)
