@@ -7,7 +7,8 @@ a mixture YAML of two JSONL sources, one of whose records all exceed `model_max_
   order) and the sources' tokens add up to `tokens` exactly;
 - the cut: `truncated` per step equals the long records in that step's batch (known from the
   unshuffled order), `truncated_total` their running count, and `--resume` from an earlier
-  checkpoint gives the same counts (the running count is in the checkpoint).
+  checkpoint gives the same counts (the running count is in the checkpoint);
+- (heavy) `eval_bench`: the evaluator scores the live model during training.
 """
 
 from __future__ import annotations
@@ -95,3 +96,32 @@ def test_mixture_losses_and_cut_count(setup, monkeypatch):
     recs = _train(d, model_dir, 3, "save_every=2", "--resume")
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert [(r["truncated"], r["truncated_total"]) for r in recs] == want
+
+
+@pytest.mark.heavy  # the train step and the evaluator's generation compile: minutes on 2 cores
+def test_eval_bench_runs_the_evaluator_during_training(setup, monkeypatch):
+    """eval_bench=FILE with eval_every: pam_jax.evaluation's evaluator runs on the live model
+    at those steps; its scores go to eval.jsonl with the step, its outputs to workdir/eval/."""
+    d, model_dir = setup
+    monkeypatch.setenv("PAM_JAX_COMPILATION_CACHE", str(d / "xla"))
+    wd = d / "bench"
+    from pam_jax.cli import main
+    from tests.data.conftest import conv
+
+    bench = write_jsonl(d / "bench.jsonl", [_record(i, conv()) for i in range(3)])  # a PAM task
+
+    argv = [
+        "train", "--config", "micro", f"model={model_dir}", f"data={d / 'short.jsonl'}",
+        f"image_root={d / 'img'}", f"workdir={wd}", "steps=2", "batch_size=2",
+        f"seq_len={MAX_LEN}", f"model_max_length={MAX_LEN}", "save_every=0", "export=false",
+        f"eval_bench={bench}", "eval_every=2", "eval_limit=2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    evals = [json.loads(x) for x in (wd / "eval.jsonl").read_text().splitlines() if x]
+    assert [e["step"] for e in evals] == [2]
+    e = evals[0]
+    assert (e["n_items"], e["n_skipped"]) == (2, 0), e  # eval_limit items, all run
+    scores = {k: v for k, v in e.items() if not k.startswith("n_") and k != "step"}
+    assert scores and all(isinstance(v, float) for v in scores.values()), e
+    step_dir = wd / "eval" / "step_2"
+    assert step_dir.is_dir() and any(step_dir.iterdir())
