@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pam_jax.data.batch import collate
+from pam_jax.data.batch import collate, collate_packed
 from pam_jax.data.prepare import check_record
 from pam_jax.data.preprocess import PreprocessConfig, make_example, tokenize_conversation
 from pam_jax.data.records import RecordError, parse_record
@@ -140,6 +140,8 @@ def test_image_example_box_pixels_and_truncation(tmp_path, tokenizer):
     assert b.is_visual[0, k : k + 7].all() and b.is_visual[0].sum() == 7
     np.testing.assert_array_equal(b.labels[0, k + 7 : 60], ex2.labels_after)
     assert (b.labels[0, 60:] == -100).all() and b.lengths[0] == 60
+    p = collate_packed([ex2, ex], [[0, 1]], pack_max=3, seq_bucket=[256], batch_size=2)
+    assert p.truncated.tolist() == [[ex2.truncated, 0, 0], [0, 0, 0]]  # per slot
 
 
 def test_augmentation_follows_release(tmp_path, tokenizer):
