@@ -58,6 +58,21 @@ def test_unknown_key_lists_valid_ones():
     assert "\n" not in msg
 
 
+def test_config_file_errors_are_one_line(tmp_path):
+    """A run config file with an unknown key names the file and lists the valid keys; an
+    unknown config name lists the named ones."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"steps": 3, "stepz": 3}))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(bad)
+    msg = str(e.value)
+    assert f"stepz in {bad}" in msg and "valid keys:" in msg and "grad_accum" in msg
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config("pam-9b-stage7")
+    msg = str(e.value)
+    assert "named configs:" in msg and "pam-3b-stage2" in msg and "\n" not in msg
+
+
 @pytest.mark.parametrize(
     "override, words",
     [
