@@ -78,6 +78,9 @@ class TrainConfig:
     attention: str = "auto"  # LLM training attention (pam_jax.llm hidden_states_train)
     loss_chunk: int = 512  # positions per cross-entropy chunk ([B, chunk, V] float32 logits)
     seg_loss: float = 0.0  # weight of SAM 2's segmentation loss (0 = off)
+    # weight of the LM loss in the objective (0: SAM 2 alone on seg_loss, e.g. a first phase;
+    # the LM loss is still computed and logged)
+    lm_loss: float = 1.0
     seed: int = 0
     shuffle: bool = True
     augment: bool = True
@@ -131,6 +134,10 @@ class TrainConfig:
             raise ConfigError("pack=true needs seq_len (the packed row length) and real data")
         if self.pack_max < 1:
             raise ConfigError(f"pack_max must be >= 1, got {self.pack_max}")
+        if self.lm_loss < 0 or self.seg_loss < 0 or not (self.lm_loss or self.seg_loss):
+            raise ConfigError(
+                f"lm_loss={self.lm_loss} and seg_loss={self.seg_loss} must be >= 0, not both 0"
+            )
         if self.loss_chunk < 1:
             raise ConfigError(f"loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.seq_len and self.seq_len % 8:

@@ -37,6 +37,7 @@ class LossOptions:
     attention: str = "auto"
     chunk: int = 512
     seg_loss: float = 0.0
+    lm_loss: float = 1.0
 
 
 def source_loss_sums(llm, hidden, labels, source_index, num_sources: int, chunk: int):

@@ -101,7 +101,7 @@ class Trainer:
         ssh = TrainState(psh, _opt_shardings(opt_abs, psh, mesh), rep, rep)
         opts = LossOptions(
             num_sources=num_sources, attention=cfg.attention, chunk=cfg.loss_chunk,
-            seg_loss=cfg.seg_loss,
+            seg_loss=cfg.seg_loss, lm_loss=cfg.lm_loss,
         )  # fmt: skip
         t = cls(cfg, spec, tx, mesh, opts, psh, fsh, ssh)
         t.step_fn = jax.jit(
@@ -148,7 +148,7 @@ class Trainer:
         count), so summing micro-batch gradients gives the global gradient exactly."""
         model = self.spec.merge({**params, **frozen})
         sums = micro_batch_sums(model, mb, self.opts)
-        obj = sums["nll"] / n_tok
+        obj = self.opts.lm_loss * sums["nll"] / n_tok
         if self.opts.seg_loss:
             obj = obj + self.opts.seg_loss * sums["seg"] / n_seg
         return obj, sums
