@@ -11,17 +11,19 @@ demo resumes at the stage it stopped in; a DIR made with other settings is refus
 2. `model_init/`: a micro PAM with fresh random weights (`micro_config`: a 6-block Hiera SAM 2
    at 128 x 128, the Semantic Perceiver, projectors, a 2-layer Qwen2) and a word-level
    tokenizer of the dataset's vocabulary (`demo_data.build_tokenizer`).
-3. `train/`: `pam-jax train` on the run config `configs/train/demo.json` (`demo-quick.json`
-   with --quick): every part trained, SAM 2 included, with the segmentation loss on the
-   generated masks; orbax checkpoints, so an interrupted run resumes; `train/export/` is the
-   trained model directory.
+3. `train_sam2/`, `train/`: `pam-jax train` twice, as PAM itself is built (its SAM 2 is
+   trained first, then frozen): phase 0 trains SAM 2 alone on the segmentation loss on the
+   generated masks (run config `configs/train/demo-sam2.json`, `lm_loss` 0), phase 1 the
+   perceiver, projectors, newlines and LLM on the LM loss from phase 0's export (`demo.json`;
+   `demo-quick-sam2.json` / `demo-quick.json` with --quick); so every part is trained. Orbax
+   checkpoints, so an interrupted phase resumes; `train/export/` is the trained model.
 4. `eval/untrained`, `eval/trained`: `pam-jax eval`'s runner on the held-out split (masks from
    the box prompt, greedy text), then `metrics.json` {"untrained": {...}, "trained": {...}}:
    `mIoU` over held-out regions at the images' resolution, `exact_match` over the English
    recognize and brief-caption answers (normalised as `pam_jax.evaluation.metrics`), and
    `CIDEr` of the detailed captions where Java and pycocoevalcap are present.
-5. `loss.png` (the trainer's loss curve) and `predictions.png` (held-out regions, untrained and
-   trained side by side: mask overlay, generated text, reference).
+5. `loss_sam2.png`, `loss.png` (the two phases' loss curves) and `predictions.png` (held-out
+   regions, untrained and trained side by side: mask overlay, generated text, reference).
 
 Scoring, the prediction sheet and the summary table are in `pam_jax.demo_report`.
 """
@@ -42,8 +44,8 @@ import numpy as np
 from pam_jax.cliutil import CLIError, RunFolder, positive_int, status, write_json
 from pam_jax.demo_report import prediction_sheet, score, summary_table
 
-STAGE_DIRS = ("data", "model_init", "train", "eval")
-OUTPUTS = ("metrics.json", "loss.png", "predictions.png")
+STAGE_DIRS = ("data", "model_init", "train_sam2", "train", "eval")
+OUTPUTS = ("metrics.json", "loss_sam2.png", "loss.png", "predictions.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,32 +234,48 @@ def make_data(root: Path, s: DemoSettings) -> dict[str, Path]:
     return out
 
 
-def train_config(root: Path, s: DemoSettings, data: dict[str, Path]):
-    """The TrainConfig of the demo: the run config with this folder's paths (and --steps)."""
+# the two training phases: (run config suffix, workdir, model to start from)
+PHASES = (("-sam2", "train_sam2", "model_init"), ("", "train", "train_sam2/export"))
+
+
+def train_config(root: Path, s: DemoSettings, data: dict[str, Path], phase: int = 1):
+    """The TrainConfig of training phase `phase` (0: SAM 2 alone on the segmentation loss,
+    from the random weights; 1: the perceiver, projectors, newlines and LLM on the LM loss,
+    from phase 0's export): the run config with this folder's paths (and --steps)."""
     from pam_jax.training.config import resolve
 
+    suffix, workdir, start = PHASES[phase]
     over = [
-        f"model={root / 'model_init'}",
+        f"model={root / start}",
         f"data={data['train_ds']}",
-        f"workdir={root / 'train'}",
+        f"workdir={root / workdir}",
         f"seed={s.seed}",
     ]
     if s.steps:
         over.append(f"steps={s.steps}")
-    return resolve(s.run_config, over)
+    return resolve(s.run_config + suffix, over)
 
 
 def run_training(root: Path, s: DemoSettings, data: dict[str, Path]) -> Path:
-    """Stage 3: `pam-jax train` (resuming a workdir this demo started); returns export/."""
+    """Stage 3: `pam-jax train` twice, as PAM itself is built (its SAM 2 is trained first and
+    frozen): phase 0 trains SAM 2 on the segmentation loss, phase 1 the rest on the LM loss
+    with phase 0's SAM 2; each phase resumes a workdir this demo started. Returns the final
+    export/."""
     from pam_jax.training.trainer import train
 
-    cfg = train_config(root, s, data)
-    export = Path(cfg.workdir) / "export"
-    if (export / "config.json").is_file():
-        return export
-    resume = (Path(cfg.workdir) / "config.json").is_file()
-    status(f"demo: training for {cfg.steps} steps ({'resuming' if resume else 'from scratch'})")
-    train(cfg, resume=resume)
+    export = root
+    for phase in range(len(PHASES)):
+        cfg = train_config(root, s, data, phase)
+        export = Path(cfg.workdir) / "export"
+        if (export / "config.json").is_file():
+            continue
+        resume = (Path(cfg.workdir) / "config.json").is_file()
+        what = "SAM 2 (segmentation loss)" if phase == 0 else "perceiver + projectors + LLM"
+        status(
+            f"demo: training {what} for {cfg.steps} steps "
+            f"({'resuming' if resume else 'from ' + PHASES[phase][2]})"
+        )
+        train(cfg, resume=resume)
     return export
 
 
@@ -312,7 +330,7 @@ def demo(root: Path, s: DemoSettings, *, force: bool = False) -> dict[str, Any]:
     t = lap("model", t)
     export = run_training(root, s, data)
     t = lap("train", t)
-    cfg = train_config(root, s, data)
+    cfgs = [train_config(root, s, data, phase) for phase in range(len(PHASES))]
     bs = 16
     preds = {}
     for name, model_dir in (("untrained", root / "model_init"), ("trained", export)):
@@ -321,12 +339,13 @@ def demo(root: Path, s: DemoSettings, *, force: bool = False) -> dict[str, Any]:
     t = lap("eval", t)
     result = {name: score(p, data) for name, p in preds.items()}
     write_json(root / "metrics.json", result)
-    if (Path(cfg.workdir) / "loss.png").is_file():  # drawn by the trainer from metrics.jsonl
-        shutil.copyfile(Path(cfg.workdir) / "loss.png", root / "loss.png")
+    for cfg, name in zip(cfgs, ("loss_sam2.png", "loss.png")):
+        if (Path(cfg.workdir) / "loss.png").is_file():  # the trainer's, from metrics.jsonl
+            shutil.copyfile(Path(cfg.workdir) / "loss.png", root / name)
     prediction_sheet(data, preds, root / "predictions.png")
     lap("pictures", t)
     times["total"] = round(time.perf_counter() - t0, 1)
-    return {"metrics": result, "seconds": times, "steps": cfg.steps}
+    return {"metrics": result, "seconds": times, "steps": [c.steps for c in cfgs]}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -340,7 +359,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="demo folder")
     p.add_argument(
-        "--steps", type=positive_int, metavar="N", help="optimizer steps (default: the config's)"
+        "--steps",
+        type=positive_int,
+        metavar="N",
+        help="optimizer steps of each training phase (default: the run configs')",
     )
     p.add_argument(
         "--quick", action="store_true",
@@ -363,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         result = demo(root, s, force=a.force)
         print(summary_table(result))
         secs = result["seconds"]
-        print(f"{result['steps']} training steps; seconds: " +
+        print(f"training steps (SAM 2, rest): {result['steps']}; seconds: " +
               ", ".join(f"{k} {v}" for k, v in secs.items()))  # fmt: skip
         for name in OUTPUTS:
             print(f"wrote {root / name}")

@@ -62,7 +62,7 @@ POSITIONS_ZH = ("左上方", "上方", "右上方", "左侧", "中间", "右侧"
 SIZES = ("small", "large")
 SIZES_ZH = {"small": "小", "large": "大"}
 TEXTURES = ("noisy", "striped", "checkered", "shaded")
-TEXTURES_ZH = {"noisy": "有噪点的", "striped": "条纹", "checkered": "格子", "shaded": "渐变"}
+TEXTURES_ZH = {"noisy": "有噪点", "striped": "条纹", "checkered": "格子", "shaded": "渐变"}
 COUNT_WORDS = ("no", "one", "two")
 COUNT_ZH = ("没有其他形状", "还有一个其他形状", "还有两个其他形状")
 
