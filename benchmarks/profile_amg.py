@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         return wrapper
 
     amg.encode_image = timed("encode_image", amg.encode_image)
-    amg._crop_candidates = timed("crop_candidates (decode+filter)", amg._crop_candidates)
+    amg._decode_points = timed("decode_points (16 x 64 points)", amg._decode_points)
+    amg._filter_candidates = timed("filter_candidates (upsample+filter)", amg._filter_candidates)
     amg_utils.nms_host = timed("nms_host", amg_utils.nms_host)
     amg._gather_upsample = timed("gather_upsample", amg._gather_upsample)
     gen = amg.SAM2AutomaticMaskGenerator(model, points_per_side=pps)

@@ -52,13 +52,18 @@ class RegionResult:
     token_ids: list[int]
 
 
-@partial(jax.jit, static_argnames=("structure", "orig_hw"))
-def _image_step(structure, leaves, image_u8, coords, labels, valid, mask_in, is_mask, *, orig_hw):
+@partial(jax.jit, static_argnames=("structure",))
+def _image_step(structure, leaves, image_u8, coords, labels, valid, mask_in, is_mask):
+    # no original size in here: images of every size share this program (an eval over a
+    # dataset of many photo sizes compiles SAM 2 + perceiver once per region / point bucket)
     sam2, parts = merge(structure, leaves)
     image = normalize_device(image_u8)[None]
-    visual, low, obj = image_regions(sam2, parts, image, coords, labels, valid, mask_in, is_mask)
-    masks = resize_bilinear(low, orig_hw, False, axes=(-2, -1)) > 0
-    return visual, masks, obj
+    return image_regions(sam2, parts, image, coords, labels, valid, mask_in, is_mask)
+
+
+@partial(jax.jit, static_argnames=("orig_hw",))
+def _masks_at(low, *, orig_hw):
+    return resize_bilinear(low, orig_hw, False, axes=(-2, -1)) > 0
 
 
 @partial(jax.jit, static_argnames=("structure",))
@@ -150,10 +155,11 @@ class PAMPredictor:
         resized, h, w = preprocess_frame(image, self.image_size)
         p = pad_regions(regions, (h, w), self.image_size)
         is_mask = None if p.mask_inputs is None else p.is_mask
-        visual, masks, obj = _image_step(
+        visual, low, obj = _image_step(
             self._vision.structure, self._vision.leaves, resized, p.coords, p.labels, p.valid,
-            p.mask_inputs, is_mask, orig_hw=(h, w),
+            p.mask_inputs, is_mask,
         )  # fmt: skip
+        masks = _masks_at(low, orig_hw=(h, w))
         return ImageInputs(self.llm_inputs(visual, task, lang, None), masks, obj)
 
     def describe_image(

@@ -10,11 +10,12 @@ What happens, per crop (the whole image, then `crop_n_layers` layers of overlapp
    model size, ImageNet normalization; `image_predictor.encode_image`);
 2. the crop's point grid (one positive click each, in crop pixels, normalized by the crop's
    width / height then scaled to the model size) is cut into batches of `points_per_batch`,
-   the last one padded; ONE jitted call runs every batch (`lax.map`): the decoder (3 masks per
-   point with `multimask_output`), optionally the `use_m2m` refinement (each mask fed back as a
-   mask prompt with its point, single-mask output), the upsampling of the logits to the crop
-   size, the stability score, the IoU / stability thresholds, the boxes and the crop-edge test.
-   Only the low-res logits and per-mask numbers leave the call;
+   the last one padded; one jitted call decodes every batch (`lax.map`; the same program for
+   every photo size): the decoder (3 masks per point with `multimask_output`), optionally the
+   `use_m2m` refinement (each mask fed back as a mask prompt with its point, single-mask
+   output); a second one (compiled per crop size, small) upsamples each batch's logits to the
+   crop size for the stability score, the IoU / stability thresholds, the boxes and the
+   crop-edge test. Only the low-res logits and per-mask numbers stay;
 3. box NMS (`box_nms_thresh`, by predicted IoU) over the crop's surviving masks, on the device
    (`amg_utils.nms`, one jitted greedy pass over a power-of-two padded set).
 
@@ -170,29 +171,23 @@ class _Kept:
     crop_box: list[int]
 
 
-@partial(jax.jit, static_argnames=("structure", "crop_hw", "multimask", "use_m2m"))
-def _crop_candidates(
+@partial(jax.jit, static_argnames=("structure", "multimask", "use_m2m"))
+def _decode_points(
     structure,
     leaves,
     features: dict[str, Any],
     coords: jax.Array,  # [nb, B, 2] model pixels
-    valid: jax.Array,  # [nb, B]
-    thresholds: jax.Array,  # [4]: pred_iou, stability, stability offset, mask threshold
-    crop_box: jax.Array,  # [4] int32
-    orig_box: jax.Array,  # [4] int32
     *,
-    crop_hw: tuple[int, int],
     multimask: bool,
     use_m2m: bool,
-):
-    """Every point batch of one crop, decoded and filtered: per mask (nb * B * M rows) the
-    unclamped low-res logits, IoU, stability, box (crop pixels) and keep flag."""
+) -> tuple[jax.Array, jax.Array]:
+    """Every point batch of one crop through the decoder: unclamped low-res logits
+    [nb, B * M, 4h, 4w] and predicted IoU [nb, B * M]. Independent of the crop's size, so
+    photos of every size share this program."""
     model = merge(structure, leaves)
-    pred_iou_t, stab_t, offset, mask_t = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
     embed, high = features["image_embed"], features["high_res_feats"]
 
-    def one_batch(args):
-        xy, ok = args  # [B, 2], [B]
+    def one_batch(xy):  # [B, 2]
         b = xy.shape[0]
         out = model.decode_prompts(
             embed, high, xy[:, None, :], jnp.ones((b, 1), jnp.int32), multimask_output=multimask
@@ -200,8 +195,8 @@ def _crop_candidates(
         m = out.masks.shape[1]
         low = out.masks.astype(jnp.float32).reshape(b * m, *out.masks.shape[2:])
         iou = out.iou_pred.astype(jnp.float32).reshape(b * m)
-        pts = jnp.repeat(xy, m, axis=0)
         if use_m2m:  # official refine_with_m2m: the clamped low-res mask back in, single mask
+            pts = jnp.repeat(xy, m, axis=0)
             prev = jnp.clip(low, -LOGIT_CLAMP, LOGIT_CLAMP)[..., None]
             ref = model.decode_prompts(
                 embed, high, pts[:, None, :], jnp.ones((b * m, 1), jnp.int32),
@@ -209,16 +204,38 @@ def _crop_candidates(
             )  # fmt: skip
             low = ref.masks[:, 0].astype(jnp.float32)
             iou = ref.iou_pred[:, 0].astype(jnp.float32)
-        full = resize_bilinear(low, crop_hw, False, axes=(-2, -1))
+        return low, iou
+
+    return jax.lax.map(one_batch, coords)
+
+
+@partial(jax.jit, static_argnames=("crop_hw",))
+def _filter_candidates(
+    low: jax.Array,  # [nb, R, 4h, 4w] (R = B * M rows per batch)
+    iou: jax.Array,  # [nb, R]
+    valid: jax.Array,  # [nb, R]
+    thresholds: jax.Array,  # [4]: pred_iou, stability, stability offset, mask threshold
+    crop_box: jax.Array,  # [4] int32
+    orig_box: jax.Array,  # [4] int32
+    *,
+    crop_hw: tuple[int, int],
+):
+    """Per mask (nb * R rows): stability, box (crop pixels) and keep flag, computed on the
+    logits upsampled to the crop's size, batch by batch (one batch's full-size logits live at
+    a time)."""
+    pred_iou_t, stab_t, offset, mask_t = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
+
+    def one_batch(args):
+        lo, io, ok = args
+        full = resize_bilinear(lo, crop_hw, False, axes=(-2, -1))
         stab = amg_utils.stability_score(full, mask_t, offset)
         boxes = amg_utils.masks_to_boxes(full > mask_t)
-        keep = jnp.repeat(ok, m)
-        keep &= (iou > pred_iou_t) | (pred_iou_t <= 0)
+        keep = ok & ((io > pred_iou_t) | (pred_iou_t <= 0))
         keep &= (stab >= stab_t) | (stab_t <= 0)
         keep &= ~amg_utils.box_near_crop_edge(boxes, crop_box, orig_box)
-        return low, iou, stab, boxes, keep
+        return stab, boxes, keep
 
-    low, iou, stab, boxes, keep = jax.lax.map(one_batch, (coords, valid))
+    stab, boxes, keep = jax.lax.map(one_batch, (low, iou, valid))
     n = low.shape[0] * low.shape[1]
     return (
         low.reshape(n, *low.shape[2:]),
@@ -385,11 +402,14 @@ class SAM2AutomaticMaskGenerator:
              cfg.mask_threshold], np.float32,
         )  # fmt: skip
         h, w = orig_hw
-        low, iou, stab, boxes, keep = _crop_candidates(
+        low, iou = _decode_points(
             self._prep.structure, self._prep.leaves, features, coords.reshape(nb, b, 2),
-            valid.reshape(nb, b), thresholds, np.asarray(crop_box, np.int32),
-            np.array([0, 0, w, h], np.int32), crop_hw=(ch, cw),
             multimask=bool(cfg.multimask_output), use_m2m=bool(cfg.use_m2m),
+        )  # fmt: skip
+        per_row = low.shape[1] // b  # masks per point
+        low, iou, stab, boxes, keep = _filter_candidates(
+            low, iou, np.repeat(valid.reshape(nb, b), per_row, axis=1), thresholds,
+            np.asarray(crop_box, np.int32), np.array([0, 0, w, h], np.int32), crop_hw=(ch, cw),
         )  # fmt: skip
         keep_h = np.asarray(keep)
         idx = np.flatnonzero(keep_h)

@@ -392,27 +392,28 @@ class SAM2VideoPredictor:
                 slots = self._lookup.slots(state, all_objs, f, reverse)
                 step = (np.int32(f), np.int32(num_frames), np.bool_(reverse))
                 if self.prefetch == 1:
-                    out, video = _propagate_step(
-                        p.structure, p.leaves, state.images.frames_u8[f], slots, *step, video_hw=hw
+                    out = _propagate_step(
+                        p.structure, p.leaves, state.images.frames_u8[f], slots, *step
                     )
                 else:
                     if f not in ahead:
                         ahead, feats = self._prefetch(state, order[i:]), None
                         rows = list(ahead) + [f] * (pow2_bucket(len(ahead)) - len(ahead))
                         feats = _features(p.structure, p.leaves, state.images.frames_u8[rows])
-                    out, video = _propagate_prefetched(
-                        p.structure, p.leaves, feats, np.int32(ahead[f]), slots, *step, video_hw=hw
+                    out = _propagate_prefetched(
+                        p.structure, p.leaves, feats, np.int32(ahead[f]), slots, *step
                     )
                 state.non_cond[f] = FrameRows(
                     out.pred_masks, out.obj_ptr, out.object_score_logits, out.maskmem_features,
                     ~is_cond,
                 )  # fmt: skip
+                pred = out.pred_masks
                 if is_cond.any():
-                    pred = [
+                    pred = jnp.stack([
                         objs[o].cond[f].pred_masks if is_cond[o] else out.pred_masks[o]
                         for o in all_objs
-                    ]
-                    video = _video_res(jnp.stack(pred), video_hw=hw)
+                    ])  # fmt: skip
+                video = _video_res(pred, video_hw=hw)
             for obj in objs:
                 obj.frames_tracked[f] = reverse
             yield f, obj_ids, np.asarray(video)

@@ -19,10 +19,10 @@ from pam_jax.sam2.video_state import BankSlots, FrameOutput
 
 # Frames whose image features `propagate_in_video` computes in one batched encoder call ahead of
 # tracking them (the encoder does not depend on memory; at batch 8 Hiera-L runs 1.7x the images/s
-# of batch 1 on an H200). 1 = one frame per step, backbone and tracking in one call. Off until
-# measured side by side on the GPU (`benchmarks/bench_sam2_video.py --prefetch 1,8`);
-# $PAM_JAX_VIDEO_PREFETCH overrides the default.
-DEFAULT_PREFETCH = 1
+# of batch 1 on an H200). 1 = one frame per step, backbone and tracking in one call. 8 measured
+# 54.3 vs 48.8 frames/s at 16 frames of 720p, Hiera-L, side by side on the H200
+# (`benchmarks/bench_sam2_video.py --prefetch 1,8`); $PAM_JAX_VIDEO_PREFETCH overrides it.
+DEFAULT_PREFETCH = 8
 
 # ---------------------------------------------------------------------------------------------
 # jitted kernels over a prepared model (pam_jax.prepared: split and hashed once)
@@ -46,35 +46,33 @@ def _prompt_step(
 
 
 def _track(
-    model: SAM2Base, feats: FrameFeatures, slots: BankSlots, frame_idx, num_frames, reverse,
-    video_hw: tuple[int, int],
-) -> tuple[StepOutput, jax.Array]:  # fmt: skip
-    """Memory-conditioned tracking of all objects on one frame + its video-res masks."""
+    model: SAM2Base, feats: FrameFeatures, slots: BankSlots, frame_idx, num_frames, reverse
+) -> StepOutput:
+    """Memory-conditioned tracking of all objects on one frame. The video-res masks are
+    `_video_res`'s (its own small program): videos of every size share the tracking step."""
     prompts = StepPrompts.tracking(slots.cond.frames.shape[0])
-    out = model.track_step(
+    return model.track_step(
         feats, prompts, slots.to_bank(), frame_idx, num_frames, reverse, encode=True
     ).lean()
-    return out, resize_bilinear(out.pred_masks, video_hw, False, axes=(-2, -1))
 
 
-@partial(jax.jit, static_argnames=("structure", "video_hw"))
+@partial(jax.jit, static_argnames=("structure",))
 def _propagate_step(
-    structure, leaves, image_u8, slots: BankSlots, frame_idx, num_frames, reverse, *, video_hw
-) -> tuple[StepOutput, jax.Array]:
+    structure, leaves, image_u8, slots: BankSlots, frame_idx, num_frames, reverse
+) -> StepOutput:
     """Backbone + tracking of one frame, one call (`prefetch=1`)."""
     model = merge(structure, leaves)
     feats = model.frame_features(normalize_device(image_u8)[None])
-    return _track(model, feats, slots, frame_idx, num_frames, reverse, video_hw)
+    return _track(model, feats, slots, frame_idx, num_frames, reverse)
 
 
-@partial(jax.jit, static_argnames=("structure", "video_hw"))
+@partial(jax.jit, static_argnames=("structure",))
 def _propagate_prefetched(
-    structure, leaves, feats: FrameFeatures, j, slots: BankSlots, frame_idx, num_frames, reverse,
-    *, video_hw,
-) -> tuple[StepOutput, jax.Array]:  # fmt: skip
+    structure, leaves, feats: FrameFeatures, j, slots: BankSlots, frame_idx, num_frames, reverse
+) -> StepOutput:
     """Tracking of frame `j` of features computed ahead for a run of frames (`prefetch>1`)."""
     one = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, j, 1), feats)
-    return _track(merge(structure, leaves), one, slots, frame_idx, num_frames, reverse, video_hw)
+    return _track(merge(structure, leaves), one, slots, frame_idx, num_frames, reverse)
 
 
 @partial(jax.jit, static_argnums=(0,))

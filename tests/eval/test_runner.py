@@ -239,3 +239,23 @@ def test_sigkill_and_restart(tiny_model_dir, data, tmp_path):
     b = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     for k in ("semantic_similarity", "semantic_iou", "exact_match", "n_items", "n_skipped"):
         assert a[k] == b[k], k
+
+
+def test_photo_sizes_share_the_sam2_and_perceiver_program(tiny_pam):
+    """An eval over photos of many sizes compiles SAM 2 + perceiver once per region bucket:
+    the original size only enters the small mask-upsample program."""
+    from pam_jax.pam import predictor as pam_predictor
+
+    model, tok = tiny_pam
+    pred = PAMPredictor(model, tok, max_new_tokens=NEW)
+    rng = np.random.default_rng(0)
+    counts = []
+    for h, w in [(90, 120), (75, 61), (128, 200)]:
+        img = rng.integers(0, 256, (h, w, 3), np.uint8)
+        inp = pred.image_inputs(img, [{"box": [5, 6, w // 2, h // 2]}], "recognize", "en")
+        assert inp.masks.shape == (1, h, w)
+        counts.append(
+            (pam_predictor._image_step._cache_size(), pam_predictor._masks_at._cache_size())
+        )
+    assert counts[0][0] == counts[-1][0], counts  # no new SAM 2 + perceiver program
+    assert counts[-1][1] >= counts[0][1] + 2, counts  # the upsample compiled per size

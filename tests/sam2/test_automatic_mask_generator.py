@@ -347,3 +347,25 @@ def test_postprocess_small_regions_matches_official():
         assert ours.areas[i] == amg_utils.area_from_rle(rle)
     np.testing.assert_array_equal(ours.predicted_iou, want["iou_preds"].numpy())
     np.testing.assert_array_equal(ours.boxes, want["boxes"].numpy())
+
+
+def test_photo_sizes_share_the_encoder_and_decoder_programs(models):
+    """A folder of photos of many sizes compiles only the small per-size programs (the resize
+    to the model size, the crop-size upsample and filter); the Hiera encoder and the point
+    decoder compile once."""
+    import pam_jax.sam2.automatic_mask_generator as amg
+    from pam_jax.sam2 import image_predictor
+
+    _, model = models
+    gen = SAM2AutomaticMaskGenerator(model, points_per_side=4, points_per_batch=8)
+    rng = np.random.default_rng(0)
+    sizes = [(97, 131), (120, 88), (64, 200)]
+    counts = []
+    for h, w in sizes:
+        gen.generate(rng.integers(0, 256, (h, w, 3), np.uint8))
+        counts.append(
+            (image_predictor._features._cache_size(), amg._decode_points._cache_size(),
+             image_predictor._preprocess._cache_size(), amg._filter_candidates._cache_size())
+        )  # fmt: skip
+    assert counts[0][:2] == counts[-1][:2], counts  # encoder, decoder: no new program
+    assert counts[-1][2] >= counts[0][2] + len(sizes) - 1, counts  # the resize did recompile

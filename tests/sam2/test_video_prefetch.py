@@ -81,3 +81,27 @@ def test_prefetch_setting(setup, monkeypatch):
     monkeypatch.delenv("PAM_JAX_VIDEO_PREFETCH")
     with pytest.raises(ValueError, match="whole number of frames >= 1"):
         SAM2VideoPredictor(model, prefetch=0)
+
+
+@pytest.mark.parametrize("prefetch", [1, 4])
+def test_video_sizes_share_the_tracking_step(setup, tmp_path, prefetch):
+    """Videos of another size reuse the compiled tracking step: the video size only enters the
+    small upsample program (`_video_res`)."""
+    from pam_jax.sam2 import video_steps
+
+    _, model = setup
+    step = video_steps._propagate_step if prefetch == 1 else video_steps._propagate_prefetched
+    counts = []
+    for h, w in [(48, 64), (40, 90)]:
+        folder = tmp_path / f"{h}x{w}"
+        folder.mkdir()
+        for t in range(4):
+            Image.fromarray(np.full((h, w, 3), 40 * t, np.uint8)).save(folder / f"{t:05d}.jpg")
+        pred = SAM2VideoPredictor(model, prefetch=prefetch)
+        state = pred.init_state(folder)
+        pred.add_new_points_or_box(state, 0, 1, box=[2, 3, w // 2, h // 2])
+        masks = [m for _, _, m in pred.propagate_in_video(state)]
+        assert masks[-1].shape == (1, h, w)
+        counts.append((step._cache_size(), video_steps._video_res._cache_size()))
+    assert counts[0][0] == counts[1][0], counts
+    assert counts[1][1] >= 2, counts  # one upsample program per size
