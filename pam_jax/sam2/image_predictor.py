@@ -78,36 +78,45 @@ def preprocess(image: jax.Array, image_size: int) -> jax.Array:
 # jitted kernels over a prepared model (pam_jax.prepared): split and hashed once, not per call.
 
 
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jax.jit, static_argnums=(1,))
+def _preprocess(image: jax.Array, image_size: int) -> jax.Array:
+    return preprocess(image, image_size)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _features(structure, leaves, x: jax.Array) -> dict[str, Any]:
+    return merge(structure, leaves).image_features(x)
+
+
 def _encode(structure, leaves, image_size: int, image: jax.Array) -> dict[str, Any]:
-    model = merge(structure, leaves)
-    return model.image_features(preprocess(image, image_size))
+    # two programs: the resize from the photo's size compiles per size (small), the encoder
+    # once per model (a folder of photos of many sizes must not recompile Hiera per size)
+    return _features(structure, leaves, _preprocess(image, image_size))
 
 
-@partial(jax.jit, static_argnames=("structure", "multimask_output", "return_logits", "orig_hw"))
+@partial(jax.jit, static_argnames=("structure", "multimask_output"))
 def _decode(
-    structure,
-    leaves,
-    features: dict[str, Any],
-    prompts: ImagePrompts,
-    mask_threshold,
-    *,
-    multimask_output: bool,
-    return_logits: bool,
-    orig_hw: tuple[int, int],
+    structure, leaves, features: dict[str, Any], prompts: ImagePrompts, *, multimask_output: bool
 ):
+    """The decoder at the model's resolution (no photo size in here: one program for every
+    size); `_upsample` brings its logits to the photo."""
     model = merge(structure, leaves)
     out = model.decode_prompts(
         features["image_embed"], features["high_res_feats"], prompts.coords, prompts.labels,
         prompts.valid, prompts.mask_inputs, prompts.has_mask, multimask_output=multimask_output,
         pad_valid=prompts.has_points,
     )  # fmt: skip
-    low = out.masks.astype(jnp.float32)  # [N, M, 4h, 4w]
+    return out.masks.astype(jnp.float32), out.iou_pred, out.object_score_logits[:, 0]
+
+
+@partial(jax.jit, static_argnames=("return_logits", "orig_hw"))
+def _upsample(low, mask_threshold, *, return_logits: bool, orig_hw: tuple[int, int]):
+    """Low-res logits [N, M, 4h, 4w] -> masks at the photo's size (thresholded unless
+    `return_logits`) and the clamped low-res logits."""
     masks = resize_bilinear(low, orig_hw, antialias=False, axes=(-2, -1))
     if not return_logits:
         masks = masks > mask_threshold
-    low = jnp.clip(low, -LOGIT_CLAMP, LOGIT_CLAMP)
-    return masks, out.iou_pred, low, out.object_score_logits[:, 0]
+    return masks, jnp.clip(low, -LOGIT_CLAMP, LOGIT_CLAMP)
 
 
 @struct.dataclass
@@ -141,12 +150,14 @@ def decode_image(
     mask_threshold: float = 0.0,
 ) -> Prediction:
     """Decode N prompt sets against `encode_image`'s features (one jitted call)."""
-    out = _decode(
-        prepared.structure, prepared.leaves, features, prompts, jnp.float32(mask_threshold),
-        multimask_output=bool(multimask_output), return_logits=bool(return_logits),
-        orig_hw=tuple(orig_hw),
+    low, iou, obj = _decode(
+        prepared.structure, prepared.leaves, features, prompts,
+        multimask_output=bool(multimask_output),
     )  # fmt: skip
-    return Prediction(*jax.device_get(out))
+    masks, low = _upsample(
+        low, jnp.float32(mask_threshold), return_logits=bool(return_logits), orig_hw=tuple(orig_hw)
+    )
+    return Prediction(*jax.device_get((masks, iou, low, obj)))
 
 
 class SAM2ImagePredictor:

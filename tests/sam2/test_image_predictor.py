@@ -241,6 +241,24 @@ def test_batched_equals_one_at_a_time(predictors):
             )
 
 
+def test_photo_sizes_share_the_encoder_and_decoder(predictors):
+    """Photos of other sizes reuse the compiled encoder and decoder: the size only enters the
+    small resize and upsample programs."""
+    from pam_jax.sam2 import image_predictor as ip
+
+    _, ours, _, _ = predictors
+    model = ours.model
+    pred = SAM2ImagePredictor(model)
+    rng = np.random.default_rng(0)
+    counts = []
+    for h, w in [(120, 90), (77, 150)]:
+        pred.set_image(rng.integers(0, 256, (h, w, 3), np.uint8))
+        masks, _, _ = pred.predict(point_coords=[[w / 2, h / 2]], point_labels=[1])
+        assert masks.shape[-2:] == (h, w)
+        counts.append((ip._features._cache_size(), ip._decode._cache_size()))
+    assert counts[0] == counts[1], counts
+
+
 @pytest.mark.parametrize("shift", [0.0, 30.0], ids=["as-is", "objects-present"])
 def test_forward_sam_heads_parity(predictors, shift):
     """SAM2Base.forward_sam_heads == official _forward_sam_heads (gating, upsampling, obj ptr).
