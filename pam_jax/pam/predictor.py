@@ -62,7 +62,9 @@ def _image_step(structure, leaves, image_u8, coords, labels, valid, mask_in, is_
 
 
 @partial(jax.jit, static_argnames=("orig_hw",))
-def _masks_at(low, *, orig_hw):
+def masks_at(low: jax.Array, *, orig_hw: tuple[int, int]) -> jax.Array:
+    """Low-res mask logits [N, 4h, 4w] -> bool masks [N, H, W] at the photo's size (its own
+    small program, compiled per size, so the SAM 2 programs before it are not)."""
     return resize_bilinear(low, orig_hw, False, axes=(-2, -1)) > 0
 
 
@@ -159,7 +161,7 @@ class PAMPredictor:
             self._vision.structure, self._vision.leaves, resized, p.coords, p.labels, p.valid,
             p.mask_inputs, is_mask,
         )  # fmt: skip
-        masks = _masks_at(low, orig_hw=(h, w))
+        masks = masks_at(low, orig_hw=(h, w))
         return ImageInputs(self.llm_inputs(visual, task, lang, None), masks, obj)
 
     def describe_image(

@@ -26,9 +26,8 @@ import numpy as np
 from pam_jax.llm import sampler
 from pam_jax.pam import prompts as pam_prompts
 from pam_jax.pam.model import PAM, pam_track_step, region_prompts_step
-from pam_jax.pam.predictor import LLM_BUCKETS, PAMPredictor
+from pam_jax.pam.predictor import LLM_BUCKETS, PAMPredictor, masks_at
 from pam_jax.prepared import merge, prepare
-from pam_jax.sam2.ops import resize_bilinear
 from pam_jax.sam2.prompts import pad_regions
 from pam_jax.sam2.video_io import normalize_device, preprocess_frame
 from pam_jax.serve.stream import stream_generate
@@ -49,21 +48,20 @@ def _track(sam2, feats, coords, labels, valid):
     )[0]
 
 
-@partial(jax.jit, static_argnames=("structure", "orig_hw"))
-def _masks(structure, leaves, feats, coords, labels, valid, *, orig_hw):
+# no photo size in these two: uploads of every size share them (`masks_at` upsamples)
+@partial(jax.jit, static_argnames=("structure",))
+def _masks(structure, leaves, feats, coords, labels, valid):
     out = _track(merge(structure, leaves), feats, coords, labels, valid)
-    masks = resize_bilinear(out.pred_masks, orig_hw, False, axes=(-2, -1)) > 0
-    return masks, out.object_score_logits[:, 0]
+    return out.pred_masks, out.object_score_logits[:, 0]
 
 
-@partial(jax.jit, static_argnames=("structure", "orig_hw"))
-def _regions(structure, leaves, feats, coords, labels, valid, *, orig_hw):
+@partial(jax.jit, static_argnames=("structure",))
+def _regions(structure, leaves, feats, coords, labels, valid):
     sam2, parts = merge(structure, leaves)
     out = _track(sam2, feats, coords, labels, valid)
     dec = out.decoder
     visual = parts.image_visual_embeds(dec.mid_image_embed, dec.mid_single_tokens)
-    masks = resize_bilinear(out.pred_masks, orig_hw, False, axes=(-2, -1)) > 0
-    return visual, masks, out.object_score_logits[:, 0]
+    return visual, out.pred_masks, out.object_score_logits[:, 0]
 
 
 @dataclasses.dataclass
@@ -162,11 +160,10 @@ class Engine:
     def segment(self, entry: ImageEntry, region: Mapping[str, Any]) -> tuple[np.ndarray, float]:
         """The mask [H, W] bool and object score of one region, from the cached features."""
         p = pad_regions([region], entry.hw, self.size)
-        masks, scores = _masks(
-            self._sam2.structure, self._sam2.leaves, entry.feats, p.coords, p.labels, p.valid,
-            orig_hw=entry.hw,
-        )  # fmt: skip
-        return np.asarray(masks[0]), float(scores[0])
+        low, scores = _masks(
+            self._sam2.structure, self._sam2.leaves, entry.feats, p.coords, p.labels, p.valid
+        )
+        return np.asarray(masks_at(low, orig_hw=entry.hw)[0]), float(scores[0])
 
     # -- descriptions ---------------------------------------------------------------------------
     def describe(self, jobs: Sequence[DescribeJob], rng: int = 0) -> None:
@@ -175,11 +172,12 @@ class Engine:
         embeds, lengths = [], []
         for job in jobs:
             p = pad_regions([job.region], job.entry.hw, self.size)
-            visual, masks, scores = _regions(
+            visual, low, scores = _regions(
                 self._vision.structure, self._vision.leaves, job.entry.feats, p.coords,
-                p.labels, p.valid, orig_hw=job.entry.hw,
+                p.labels, p.valid,
             )  # fmt: skip
-            job.mask, job.score = np.asarray(masks[0]), float(scores[0])
+            job.mask = np.asarray(masks_at(low, orig_hw=job.entry.hw)[0])
+            job.score = float(scores[0])
             inp = self.predictor.llm_inputs(visual, job.task, job.lang, None)
             embeds.append(inp.embeds[0])
             lengths.append(int(inp.lengths[0]))

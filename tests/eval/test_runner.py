@@ -255,7 +255,7 @@ def test_photo_sizes_share_the_sam2_and_perceiver_program(tiny_pam):
         inp = pred.image_inputs(img, [{"box": [5, 6, w // 2, h // 2]}], "recognize", "en")
         assert inp.masks.shape == (1, h, w)
         counts.append(
-            (pam_predictor._image_step._cache_size(), pam_predictor._masks_at._cache_size())
+            (pam_predictor._image_step._cache_size(), pam_predictor.masks_at._cache_size())
         )
     assert counts[0][0] == counts[-1][0], counts  # no new SAM 2 + perceiver program
     assert counts[-1][1] >= counts[0][1] + 2, counts  # the upsample compiled per size
