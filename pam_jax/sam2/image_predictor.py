@@ -149,7 +149,8 @@ def decode_image(
     return_logits: bool = False,
     mask_threshold: float = 0.0,
 ) -> Prediction:
-    """Decode N prompt sets against `encode_image`'s features (one jitted call)."""
+    """Decode N prompt sets against `encode_image`'s features (the decoder in one jitted call,
+    then the upsample to `orig_hw`)."""
     low, iou, obj = _decode(
         prepared.structure, prepared.leaves, features, prompts,
         multimask_output=bool(multimask_output),
