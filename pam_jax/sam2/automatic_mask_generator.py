@@ -406,14 +406,13 @@ class SAM2AutomaticMaskGenerator:
             self._prep.structure, self._prep.leaves, features, coords.reshape(nb, b, 2),
             multimask=bool(cfg.multimask_output), use_m2m=bool(cfg.use_m2m),
         )  # fmt: skip
-        per_row = low.shape[1] // b  # masks per point
+        m = low.shape[1] // b  # masks per point
         low, iou, stab, boxes, keep = _filter_candidates(
-            low, iou, np.repeat(valid.reshape(nb, b), per_row, axis=1), thresholds,
+            low, iou, np.repeat(valid.reshape(nb, b), m, axis=1), thresholds,
             np.asarray(crop_box, np.int32), np.array([0, 0, w, h], np.int32), crop_hw=(ch, cw),
         )  # fmt: skip
         keep_h = np.asarray(keep)
         idx = np.flatnonzero(keep_h)
-        m = keep_h.shape[0] // (nb * b)
         iou_h, stab_h, boxes_h = (np.asarray(a)[idx] for a in (iou, stab, boxes))
         # NMS within the crop by predicted IoU (device, padded set)
         order = amg_utils.nms_host(boxes_h, iou_h, cfg.box_nms_thresh)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pam_jax import sharding
 from pam_jax.checkpoint import path_key
-from pam_jax.pam.config import PAMConfig
+from pam_jax.pam.config import PAMConfig, PerceiverConfig
 from pam_jax.pam.model import PAM, PAMParts
 from pam_jax.training.config import ConfigError, TrainConfig
 
@@ -216,8 +216,6 @@ def pam_config_for(cfg: TrainConfig) -> PAMConfig:
             q = _preset(cfg.llm, "llm")
         # the release's perceiver (hard-coded at 256 = every official SAM 2's d_model) at this
         # SAM 2's width, so a smaller SAM 2 gets a fresh PAM too
-        from pam_jax.pam.config import PerceiverConfig
-
         pc = PAMConfig(sam2=s, llm=q, perceiver=PerceiverConfig(embedding_dim=s.d_model))
     if cfg.image_size and cfg.image_size != pc.sam2.image_size:
         pc = pc.replace(sam2=pc.sam2.replace(image_size=cfg.image_size))

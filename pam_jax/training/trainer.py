@@ -214,6 +214,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
     step = start
     evaluator = None
     last_val: tuple[int, dict] | None = None  # (step, metrics) of the last validation
+
+    def save(step: int, state: TrainState, metrics: dict | None) -> None:
+        data_state = {**source.get_state(), TRUNCATED_TOTAL: truncated_total}
+        ckpt.save(step, state, data_state, cfg.to_dict(), metrics=metrics)
+
     with _Signals() as sig:
         while step < cfg.steps:
             local = next(source)
@@ -283,13 +288,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: bool = True) -> dict[s
             # policy can keep it even when eval_every and save_every do not line up
             due = cfg.save_every and step % cfg.save_every == 0
             if (due or val is not None) and step < cfg.steps:
-                metrics = None if val is None else last_val[1]
-                data_state = {**source.get_state(), TRUNCATED_TOTAL: truncated_total}
-                ckpt.save(step, state, data_state, cfg.to_dict(), metrics=metrics)
+                save(step, state, None if val is None else last_val[1])
     if ckpt.latest_step() != step:
-        metrics = last_val[1] if last_val is not None and last_val[0] == step else None
-        data_state = {**source.get_state(), TRUNCATED_TOTAL: truncated_total}
-        ckpt.save(step, state, data_state, cfg.to_dict(), metrics=metrics)
+        save(step, state, last_val[1] if last_val is not None and last_val[0] == step else None)
     ckpt.close()
     runlog.close()
     summary = {"step": step, "loss": last_loss, "truncated_total": truncated_total,
