@@ -276,7 +276,14 @@ class SAM2AutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         use_m2m: bool = False,
         multimask_output: bool = True,
+        device_batch: int | None = None,
     ):
+        """The official parameters, plus `device_batch`: points decoded (and filtered) per
+        device step, None for `points_per_batch` (the official batching). The masks do not
+        depend on it; larger batches trade memory for fewer, fuller device steps."""
+        if device_batch is not None and not _is_int(device_batch, 1):
+            raise AMGError(f"device_batch must be an integer >= 1 or None, got {device_batch!r}")
+        self.device_batch = device_batch
         self.config = AMGConfig(
             points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
             stability_score_offset, mask_threshold, box_nms_thresh, crop_n_layers,
@@ -391,7 +398,7 @@ class SAM2AutomaticMaskGenerator:
         model_xy[:, 0] = model_xy[:, 0] / np.float32(cw)
         model_xy[:, 1] = model_xy[:, 1] / np.float32(ch)
         model_xy = model_xy * np.float32(self.image_size)
-        b = int(cfg.points_per_batch)
+        b = int(self.device_batch or cfg.points_per_batch)
         n = len(pts)
         nb = -(-n // b)
         coords = np.zeros((nb * b, 2), np.float32)

@@ -8,6 +8,7 @@ torch-layout [C, H, W] tensor.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,72 @@ def torch_bicubic_resize(
     return _resize_separable(x, bicubic_matrix(h, out_hw[0]), bicubic_matrix(w, out_hw[1]), axes)
 
 
+@functools.lru_cache(maxsize=256)
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's two bilinear taps per output index (align_corners=False, no antialias): (i0, i1
+    [n_out] int32, w0, w1 [n_out] float32), out = w0 x[i0] + w1 x[i1]. torch takes scale = in /
+    out in float32 and src = max(scale (o + 0.5) - 0.5, 0) as one fused multiply-add (a single
+    rounding: the float64 product of the float32 scale is exact), i0 = floor(src), i1 = min(i0 +
+    1, in - 1), w1 = src - i0. Rounding the product first, as plain float32 code would, moves
+    w1 by up to 1.5e-5 at src ~ 255: 3e-4 on logits of +-40."""
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = (scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1) - w1).astype(np.float32)
+    return i0.astype(np.int32), i1.astype(np.int32), w0, w1
+
+
+def _lerp_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+    """Two-tap bilinear along `axis` (float32): gathers whole slices along it, so on a major
+    axis it is a row copy, not the per-element lane gather of a minor one."""
+    i0, i1, w0, w1 = linear_taps(x.shape[axis], n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    a = jnp.take(x, jnp.asarray(i0), axis=axis)
+    b = jnp.take(x, jnp.asarray(i1), axis=axis)
+    return a * jnp.asarray(w0).reshape(shape) + b * jnp.asarray(w1).reshape(shape)
+
+
+def _bilinear_taps(x: jax.Array, out_hw: tuple[int, int], ah: int, aw: int) -> jax.Array:
+    """torch's plain bilinear as two separable two-tap passes, width first (torch's order).
+    Where the width is the minor axis ([..., H, W] maps), the pass runs on the small input
+    transposed, so both passes gather along a major axis. On the CPU this is 4x slower than the
+    matmul form inside the generator's filter (XLA's gather fusions), so it is a GPU option."""
+    x = x.astype(jnp.float32)
+    if aw == x.ndim - 1:
+        xt = jnp.swapaxes(x, -1, -2)
+        x = jnp.swapaxes(_lerp_axis(xt, x.ndim - 2, out_hw[1]), -1, -2)
+    else:
+        x = _lerp_axis(x, aw, out_hw[1])
+    return _lerp_axis(x, ah, out_hw[0])
+
+
+# The masks' upsample (`resize_bilinear` without antialias, or upscaling) is a float32 matmul
+# chain whose second contraction (H x h x W MACs per mask) dominates the mask generator's filter
+# on the GPU: 0.9 GFLOP per 256^2 -> 1024 x 1536 mask, ~2.9 TFLOP per 32 x 32 grid at full
+# float32 on CUDA cores. `PAM_JAX_BILINEAR` (read at trace time) picks how it runs, for A/B runs
+# on the GPU: "highest" (float32, the default everywhere), "bf16x6" / "bf16x3" / "tf32x3" (the
+# split-precision tensor-core algorithms: ~2^-22 / 2^-17 / 2^-21 relative), or "taps" (two
+# gathered taps per axis, no matmul). CPU parity always runs "highest".
+_BILINEAR_ALGOS = {
+    "bf16x6": "BF16_BF16_F32_X6",
+    "bf16x3": "BF16_BF16_F32_X3",
+    "tf32x3": "TF32_TF32_F32_X3",
+}
+
+
+def _bilinear_mode() -> str:
+    mode = os.environ.get("PAM_JAX_BILINEAR", "highest")
+    if mode not in ("highest", "taps", *_BILINEAR_ALGOS):
+        raise ValueError(
+            f"PAM_JAX_BILINEAR={mode!r}: use highest, taps, {', '.join(_BILINEAR_ALGOS)}"
+        )
+    return "highest" if jax.default_backend() == "cpu" else mode
+
+
 def resize_bilinear(
     x: jax.Array, out_hw: tuple[int, int], antialias: bool, axes: tuple[int, int] = (-3, -2)
 ) -> jax.Array:
@@ -85,7 +152,18 @@ def resize_bilinear(
     Computed in float32, output in x.dtype; acts on `axes` (default [..., H, W, C]).
     """
     ah, aw = (a % x.ndim for a in axes)
+    down = out_hw[0] < x.shape[ah] or out_hw[1] < x.shape[aw]
+    mode = "highest" if (antialias and down) else _bilinear_mode()
+    if mode == "taps":
+        return _bilinear_taps(x, out_hw, ah, aw).astype(x.dtype)
+    precision = (
+        jax.lax.Precision.HIGHEST
+        if mode == "highest"
+        else getattr(jax.lax.DotAlgorithmPreset, _BILINEAR_ALGOS[mode])
+    )
     shape = list(x.shape)
     shape[ah], shape[aw] = out_hw
-    y = jax.image.resize(x.astype(jnp.float32), tuple(shape), "linear", antialias=antialias)
+    y = jax.image.resize(
+        x.astype(jnp.float32), tuple(shape), "linear", antialias=antialias, precision=precision
+    )
     return y.astype(x.dtype)

@@ -163,6 +163,17 @@ def test_default_pipeline_matches_official(models, small_photo):
     theirs = official_generate(ref, small_photo, **DEFAULT_KW)
     ours = SAM2AutomaticMaskGenerator(model, **DEFAULT_KW).generate(small_photo)
     _check(ours, theirs, DEFAULT_KW)
+    # larger device steps than points_per_batch: the same masks (per-point decoding is
+    # independent; float32 rounding of the batched matmuls only)
+    wide = SAM2AutomaticMaskGenerator(model, **DEFAULT_KW, device_batch=3 * 64)
+    wide_out = wide.generate(small_photo)
+    assert len(wide_out) == len(ours)
+    for a, b in zip(wide_out, ours):
+        inter = np.logical_and(a["segmentation"], b["segmentation"]).sum()
+        union = np.logical_or(a["segmentation"], b["segmentation"]).sum()
+        assert inter / max(union, 1) > 0.999 and abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-5
+    with pytest.raises(AMGError, match="device_batch"):
+        SAM2AutomaticMaskGenerator(model, device_batch=0)
     # the filters bite: without them, masks below the thresholds survive
     t_iou, t_stab = DEFAULT_KW["pred_iou_thresh"], DEFAULT_KW["stability_score_thresh"]
     assert all(r["predicted_iou"] > t_iou and r["stability_score"] >= t_stab for r in ours)
