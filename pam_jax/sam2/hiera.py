@@ -3,9 +3,22 @@
 Parameter paths equal the official state-dict keys under `image_encoder.trunk.`:
 `pos_embed` [1, C, bh, bw] and `pos_embed_window` [1, C, 8, 8] (raw, torch shapes),
 `patch_embed.proj`, `blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.layers.{0,1}, proj}`.
+
+Token layouts. The official blocks each partition their input into windows and un-partition the
+output, a full pass over the activations each way. Here (`PAM_JAX_HIERA_LAYOUT=stage`, the
+default) tokens stay *window-ordered*, [B, nh, nw, ws, ws, C], across consecutive blocks:
+per-token ops (norms, MLP, qkv / proj, residuals) do not care about order, global attention has
+no positional term so it runs on any order, and a q-pool block's 2x2 pooling stays inside each
+window, so its output is already the partition of the pooled map into ws/2 windows in the same
+window grid. The trunk converts only where the window size changes and at the stage ends (the
+neck needs spatial maps). Blocks whose map does not tile into their windows (the official code
+zero-pads after norm1 and crops after attention) and odd windows under q-pooling run the
+official per-block path on the spatial map, as all blocks do with `PAM_JAX_HIERA_LAYOUT=block`.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +30,31 @@ from pam_jax.sam2.ops import torch_bicubic_resize
 from pam_jax.sharding import constrain
 
 _ACT = ("batch", "spatial", "spatial", "act_embed")
+_ACT_WIN = ("batch", "spatial", "spatial", None, None, "act_embed")
+LAYOUTS = ("stage", "block")
+
+
+def hiera_layout(layout: str | None = None) -> str:
+    """`layout`, else `PAM_JAX_HIERA_LAYOUT` (read at trace time): "stage" (default) keeps tokens
+    window-ordered across blocks; "block" partitions / un-partitions in every block, as the
+    official code does."""
+    if layout is None:
+        layout = os.environ.get("PAM_JAX_HIERA_LAYOUT", "stage")
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"Hiera layout (PAM_JAX_HIERA_LAYOUT) must be one of {LAYOUTS}, got {layout!r}"
+        )
+    return layout
 
 
 def max_pool(x: jax.Array, stride: tuple[int, int]) -> jax.Array:
-    """torch MaxPool2d(kernel=stride, stride=stride, ceil_mode=False) on [B, H, W, C]."""
+    """torch MaxPool2d(kernel=stride, stride=stride, ceil_mode=False) over axes -3, -2 of
+    [..., H, W, C] (a spatial map or the windows of a window-ordered one)."""
     sh, sw = stride
-    b, h, w, c = x.shape
+    *lead, h, w, c = x.shape
     ho, wo = h // sh, w // sw
-    x = x[:, : ho * sh, : wo * sw]
-    return x.reshape(b, ho, sh, wo, sw, c).max(axis=(2, 4))
+    x = x[..., : ho * sh, : wo * sw, :]
+    return x.reshape(*lead, ho, sh, wo, sw, c).max(axis=(-4, -2))
 
 
 def window_partition(x: jax.Array, ws: int) -> tuple[jax.Array, tuple[int, int]]:
@@ -50,6 +79,37 @@ def window_unpartition(
     return x.reshape(b, hp, wp, -1)[:, :h, :w]
 
 
+def to_windows(x: jax.Array, ws: int) -> jax.Array:
+    """Spatial [B, H, W, C] (H, W multiples of ws) -> window-ordered [B, nh, nw, ws, ws, C]."""
+    b, h, w, c = x.shape
+    if h % ws or w % ws:
+        raise ValueError(f"map {h}x{w} does not tile into {ws}x{ws} windows")
+    return x.reshape(b, h // ws, ws, w // ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+
+
+def to_spatial(x: jax.Array) -> jax.Array:
+    """Window-ordered [B, nh, nw, ws, ws, C] -> spatial [B, nh * ws, nw * ws, C]."""
+    b, nh, nw, ws, _, c = x.shape
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, nw * ws, c)
+
+
+def rewindow(x: jax.Array, ws: int) -> jax.Array:
+    """Window-ordered x -> window-ordered with window ws, as one transpose where one window
+    size divides the other (Hiera-L's stage 2 -> 3: 2 -> 16), else through the spatial map."""
+    b, nh, nw, w0, _, c = x.shape
+    if ws == w0:
+        return x
+    if ws % w0 == 0 and nh % (ws // w0) == 0 and nw % (ws // w0) == 0:  # k x k windows merge
+        k = ws // w0
+        x = x.reshape(b, nh // k, k, nw // k, k, w0, w0, c).transpose(0, 1, 3, 2, 5, 4, 6, 7)
+        return x.reshape(b, nh // k, nw // k, ws, ws, c)
+    if w0 % ws == 0:  # every window splits into k x k
+        k = w0 // ws
+        x = x.reshape(b, nh, nw, k, ws, k, ws, c).transpose(0, 1, 3, 2, 5, 4, 6, 7)
+        return x.reshape(b, nh * k, nw * k, ws, ws, c)
+    return to_windows(to_spatial(x), ws)
+
+
 class PatchEmbed(nnx.Module):
     """Conv k7 s4 p3, 3 -> embed_dim, NHWC in and out (torch pads explicitly, never "SAME")."""
 
@@ -71,7 +131,7 @@ class PatchEmbed(nnx.Module):
 
 
 class MultiScaleAttention(nnx.Module):
-    """Attention inside windows; with `q_stride`, q is max-pooled per window (k/v are not)."""
+    """Attention over groups of tiles; with `q_stride`, q is max-pooled per tile (k/v are not)."""
 
     def __init__(
         self,
@@ -89,18 +149,21 @@ class MultiScaleAttention(nnx.Module):
         self.proj = linear(dim_out, dim_out, rngs, axes=("vis_heads", "vis_embed"), dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, _ = x.shape
+        """[N, n, h, w, C]: each of the N groups attends over its n tiles of h x w tokens (one
+        window, n = 1; or a whole image: one spatial map, or its n windows) -> [N, n, h', w', C']
+        with h', w' the pooled tile size."""
+        b, n, h, w, _ = x.shape
         # torch layout of the qkv output: (3, heads, head_dim)
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+        qkv = self.qkv(x).reshape(b, n * h * w, 3, self.num_heads, -1)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [b, L, heads, hd]
         if self.q_stride:
-            q = max_pool(q.reshape(b, h, w, -1), self.q_stride)
-            h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.num_heads, -1)
+            q = max_pool(q.reshape(b, n, h, w, -1), self.q_stride)
+            h, w = q.shape[2:4]
+            q = q.reshape(b, n * h * w, self.num_heads, -1)
         # scale 1/sqrt(hd), no mask (padded tokens are real keys, as in the official code);
         # the XLA path computes logits and softmax in float32 for bf16 inputs as well.
         o = sdpa(q, k, v)
-        return self.proj(o.reshape(b, h, w, -1))
+        return self.proj(o.reshape(b, n, h, w, -1))
 
 
 class MultiScaleBlock(nnx.Module):
@@ -128,30 +191,52 @@ class MultiScaleBlock(nnx.Module):
         if dim != dim_out:
             self.proj = linear(dim, dim_out, rngs, axes=("vis_embed", "vis_heads"), dtype=dtype)
 
+    def takes_windows(self, hw: tuple[int, int], tile: int) -> bool:
+        """Whether this block can run on window-ordered tokens: its map tiles into its windows
+        without padding, and q-pooling (square stride) divides the windows. `tile` is the
+        current window size (0: spatial), which a global block keeps."""
+        ws = self.window_size or tile
+        if ws == 0 or hw[0] % ws or hw[1] % ws:
+            return False
+        if self.q_stride:
+            sh, sw = self.q_stride
+            return sh == sw and ws % sh == 0
+        return True
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Spatial [B, H, W, C] (the official per-block path) or window-ordered
+        [B, nh, nw, ws, ws, C] with ws the block's window (any ws for a global block)."""
+        windowed = x.ndim == 6
+        if windowed and self.window_size and x.shape[3] != self.window_size:
+            raise ValueError(f"block of window {self.window_size} got {x.shape[3]}-windows")
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
             # the shortcut comes from the *normalized* input
             shortcut = self.proj(x)
             if self.q_stride:
-                shortcut = max_pool(shortcut, self.q_stride)
-        ws = self.window_size
-        h, w = x.shape[1:3]
-        if ws > 0:
+                shortcut = max_pool(shortcut, self.q_stride)  # inside windows when windowed
+        if windowed:
+            b, nh, nw, ws = x.shape[:4]
+            # one group per window, or one per image of all its windows (global)
+            groups = (b * nh * nw, 1) if self.window_size else (b, nh * nw)
+            x = self.attn(x.reshape(*groups, ws, ws, -1)).reshape(shortcut.shape)
+        elif self.window_size > 0:
+            ws = self.window_size
+            h, w = x.shape[1:3]
             x, pad_hw = window_partition(x, ws)
-        x = self.attn(x)
-        if self.q_stride and self.window_size > 0:
-            # q-pooling shrank every window: un-partition with the pooled window size
-            # (a global block, window 0, has nothing to un-partition)
-            ws = self.window_size // self.q_stride[0]
-            h, w = shortcut.shape[1:3]
-            pad_hw = (h + (-h) % ws, w + (-w) % ws)
-        if self.window_size > 0:
+            x = self.attn(x[:, None])[:, 0]
+            if self.q_stride:
+                # q-pooling shrank every window: un-partition with the pooled window size
+                ws = self.window_size // self.q_stride[0]
+                h, w = shortcut.shape[1:3]
+                pad_hw = (h + (-h) % ws, w + (-w) % ws)
             x = window_unpartition(x, ws, pad_hw, (h, w))
+        else:
+            x = self.attn(x[:, None])[:, 0]
         x = shortcut + x
         x = x + self.mlp(self.norm2(x))
-        return constrain(x, _ACT)
+        return constrain(x, _ACT_WIN if windowed else _ACT)
 
 
 class Hiera(nnx.Module):
@@ -213,16 +298,41 @@ class Hiera(nnx.Module):
         pe = pe + jnp.tile(win, (1, h // wh, w // ww))
         return pe.transpose(1, 2, 0)
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
+    def layout_plan(self, hw: tuple[int, int], layout: str | None = None) -> list[int]:
+        """The window size each block's input is ordered by (0: spatial) for a stride-4 map of
+        size hw. "stage": a block takes window-ordered tokens where `takes_windows` allows,
+        a global block keeps the current order; "block": all spatial (the official path)."""
+        stage_layout = hiera_layout(layout) == "stage"
+        plan, tile = [], 0
+        for blk in self.blocks:
+            tile = blk.window_size or tile
+            if not (stage_layout and blk.takes_windows(hw, tile)):
+                tile = 0
+            plan.append(tile)
+            if blk.q_stride:
+                hw = (hw[0] // blk.q_stride[0], hw[1] // blk.q_stride[1])
+                tile //= blk.q_stride[0]
+        return plan
+
+    def __call__(self, x: jax.Array, layout: str | None = None) -> list[jax.Array]:
+        """`layout`: "stage" or "block" (see the module docstring); None reads
+        `PAM_JAX_HIERA_LAYOUT` at trace time."""
         if self.dtype is not None:
             x = x.astype(self.dtype)
         x = self.patch_embed(x)
         x = x + self._get_pos_embed(x.shape[1:3]).astype(x.dtype)
         x = constrain(x, _ACT)
+        plan = self.layout_plan(x.shape[1:3], layout)
         ends = set(self.cfg.stage_ends)
         outputs = []
-        for i, blk in enumerate(self.blocks):
+        for i, (blk, want) in enumerate(zip(self.blocks, plan)):
+            tile = x.shape[3] if x.ndim == 6 else 0
+            if want != tile:  # re-layout only where the window size really changes
+                if tile == 0:
+                    x = to_windows(x, want)
+                else:
+                    x = to_spatial(x) if want == 0 else rewindow(x, want)
             x = blk(x)
             if i in ends:
-                outputs.append(x)
+                outputs.append(to_spatial(x) if x.ndim == 6 else x)
         return outputs
