@@ -2,6 +2,13 @@
 
     python benchmarks/bench_sam2.py               # GPU: Hiera-B+ / L, 1024^2, batch 1 and 8
     python benchmarks/bench_sam2.py --tiny --cpu    # smoke test on CPU
+    python benchmarks/bench_sam2.py --layouts block,stage  # Hiera token layouts, A/B in one run
+
+`--layouts` times pam-jax once per Hiera token layout (`PAM_JAX_HIERA_LAYOUT`: "block"
+partitions windows in every block as the official code does, "stage" keeps them across blocks)
+and `--fused-min-lens` once per `PAM_JAX_FUSED_MIN_LEN` (attention over fewer keys than this
+runs XLA's kernel instead of cuDNN's); each pam-jax figure is one JSON line with its `layout`
+and `fused_min_len`, beside the official figure measured once per model and batch.
 
 Both sides get random weights at the real configs and run in bf16 (pam-jax: bf16 parameters and
 activations, float32 softmax / norm statistics; official: `torch.autocast(bfloat16)` as its
@@ -15,7 +22,9 @@ copy bandwidth and the datasheet (how memory-bound the encoder is).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -60,7 +69,8 @@ def encoder_flops(cfg) -> float:
     return float(f)
 
 
-def bench_jax(cfg, batch: int, dtype_name: str, rep: int) -> dict:
+def bench_jax(cfg, batch: int, dtype_name: str, rep: int, env: dict[str, str]) -> dict:
+    """`env`: variables the model reads at trace time (set while it compiles, then restored)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -84,7 +94,16 @@ def bench_jax(cfg, batch: int, dtype_name: str, rep: int) -> dict:
     s = cfg.image_size
     # fresh random input per rotation slot so nothing is served from cache
     xs = [jax.random.normal(jax.random.key(i), (batch, s, s, 3), dtype) for i in range(2)]
-    compiled = fwd.lower(state, xs[0]).compile()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        compiled = fwd.lower(state, xs[0]).compile()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     flops = nbytes = None
     try:
         ca = compiled.cost_analysis()
@@ -137,6 +156,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--no-peer", action="store_true", help="skip the official PyTorch code")
+    ap.add_argument(
+        "--layouts",
+        default=None,
+        help="Hiera token layouts to time, e.g. block,stage (default: PAM_JAX_HIERA_LAYOUT, "
+        "else stage)",
+    )
+    ap.add_argument(
+        "--fused-min-lens",
+        default=None,
+        help="PAM_JAX_FUSED_MIN_LEN values to time, e.g. 0,65,257 (default: the "
+        "environment's, else 0)",
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model at 256^2 (CPU smoke test)")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
@@ -144,6 +175,14 @@ def main(argv=None) -> int:
         args.sizes, args.image_size, args.batches, args.rep = "t", 256, "1,2", 3
 
     from pam_jax.sam2.config import sam2_config
+    from pam_jax.sam2.hiera import hiera_layout
+
+    layouts = args.layouts.split(",") if args.layouts else [hiera_layout()]
+    for layout in layouts:
+        hiera_layout(layout)  # a clear error for an unknown name, before any timing
+    min_lens = (args.fused_min_lens or os.environ.get("PAM_JAX_FUSED_MIN_LEN", "0")).split(",")
+    min_lens = [str(int(n)) for n in min_lens]
+    variants = list(itertools.product(layouts, min_lens))
 
     device = "cpu" if args.cpu else "cuda"
     lim = card_limits(small=args.tiny)
@@ -153,35 +192,42 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         cfg = sam2_config(size, "2.1", args.image_size)
         for b in map(int, args.batches.split(",")):
-            r = bench_jax(cfg, b, args.dtype, args.rep)
-            row = {"model": cfg.name, "batch": b, "jax_img_s": b / r["s"], "jax_ms": r["s"] * 1e3}
-            flops = encoder_flops(cfg) * b
-            row["tflop_per_img"] = flops / b / 1e12
-            row["frac_measured_peak"] = flops / r["s"] / lim.matmul_flops
-            if lim.datasheet_flops:
-                row["frac_datasheet_peak"] = flops / r["s"] / lim.datasheet_flops
-            if r["bytes"]:  # XLA's count of HBM traffic of the compiled program (its fusions)
-                row["xla_gb_per_call"] = r["bytes"] / 1e9
-                row["frac_measured_bw"] = r["bytes"] / r["s"] / lim.copy_bytes_s
-                if lim.datasheet_bytes_s:
-                    row["frac_datasheet_bw"] = r["bytes"] / r["s"] / lim.datasheet_bytes_s
+            peer = {}
             if not args.no_peer:
                 try:
                     p = bench_torch(cfg.name, b, args.image_size, args.rep, device)
-                    row["torch_img_s"] = b / p["s"]
-                    row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
+                    peer["torch_img_s"] = b / p["s"]
                 except Exception as e:  # report, keep going
-                    row["torch_error"] = f"{type(e).__name__}: {e}"[:200]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    head = ("model", "batch", "pam-jax img/s", "official img/s", "ratio", "FLOP/meas.",
-            "FLOP/sheet", "bytes/meas.", "bytes/sheet")  # fmt: skip
+                    peer["torch_error"] = f"{type(e).__name__}: {e}"[:200]
+            for layout, min_len in variants:
+                env = {"PAM_JAX_HIERA_LAYOUT": layout, "PAM_JAX_FUSED_MIN_LEN": min_len}
+                r = bench_jax(cfg, b, args.dtype, args.rep, env)
+                row = {"model": cfg.name, "batch": b, "layout": layout}
+                row["fused_min_len"] = int(min_len)
+                row |= {"jax_img_s": b / r["s"], "jax_ms": r["s"] * 1e3}
+                flops = encoder_flops(cfg) * b
+                row["tflop_per_img"] = flops / b / 1e12
+                row["frac_measured_peak"] = flops / r["s"] / lim.matmul_flops
+                if lim.datasheet_flops:
+                    row["frac_datasheet_peak"] = flops / r["s"] / lim.datasheet_flops
+                if r["bytes"]:  # XLA's count of HBM traffic of the compiled program (its fusions)
+                    row["xla_gb_per_call"] = r["bytes"] / 1e9
+                    row["frac_measured_bw"] = r["bytes"] / r["s"] / lim.copy_bytes_s
+                    if lim.datasheet_bytes_s:
+                        row["frac_datasheet_bw"] = r["bytes"] / r["s"] / lim.datasheet_bytes_s
+                row |= peer
+                if "torch_img_s" in peer:
+                    row["ratio"] = row["jax_img_s"] / peer["torch_img_s"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    head = ("model", "batch", "layout", "min len", "pam-jax img/s", "official img/s", "ratio",
+            "FLOP/meas.", "FLOP/sheet", "bytes/meas.", "bytes/sheet")  # fmt: skip
     print("\n" + "".join(f"{h:>16}" for h in head))
     nan = float("nan")
     for r in rows:
         vals = (r["jax_img_s"], r.get("torch_img_s", nan), r.get("ratio", nan))
         print(
-            f"{r['model']:>16}{r['batch']:>16}"
+            f"{r['model']:>16}{r['batch']:>16}{r['layout']:>16}{r['fused_min_len']:>16}"
             + "".join(f"{v:>16.2f}" for v in vals)
             + f"{r.get('frac_measured_peak', nan):>16.1%}"
             + f"{r.get('frac_datasheet_peak', nan):>16.1%}"

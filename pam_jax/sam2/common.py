@@ -90,9 +90,18 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     On GPU with 16-bit inputs this uses cuDNN's fused (flash) kernel: the XLA path materialises
     float32 logits, e.g. 4 GiB per global Hiera-L block at batch 8. Elsewhere (CPU parity,
-    float32) it is the XLA path, whose softmax is float32 too. PAM_JAX_ATTENTION=xla forces XLA.
+    float32) it is the XLA path, whose softmax is float32 too. PAM_JAX_ATTENTION=xla forces XLA;
+    PAM_JAX_FUSED_MIN_LEN=n (default 0) sends sequences of fewer than n keys to XLA (cuDNN pads
+    Hiera's 16- / 64-token windows to its tile, where XLA's small logits may be cheaper). Both
+    are read at trace time.
     """
     fused = os.environ.get("PAM_JAX_ATTENTION", "auto") != "xla"
+    min_len = os.environ.get("PAM_JAX_FUSED_MIN_LEN", "0")
+    try:
+        min_len = int(min_len)
+    except ValueError:
+        raise ValueError(f"PAM_JAX_FUSED_MIN_LEN must be an integer, got {min_len!r}") from None
+    fused = fused and k.shape[1] >= min_len
     if fused and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")

@@ -23,6 +23,7 @@ from pam_jax.convert.torch_nnx import torch_to_nnx_params
 from torch_ref import perturb_, to_np
 
 from pam_jax.checkpoint import assign_params
+from pam_jax.sam2.common import sdpa
 from pam_jax.sam2.config import HIERA, HieraConfig
 from pam_jax.sam2.hiera import Hiera, hiera_layout, rewindow, to_spatial, to_windows
 
@@ -143,3 +144,15 @@ def test_rewindow_is_a_relayout(w0, ws):
     np.testing.assert_array_equal(np.asarray(to_spatial(got)), np.asarray(x))
     with pytest.raises(ValueError, match="does not tile"):
         to_windows(x, 5)
+
+
+def test_fused_min_len_knob(monkeypatch):
+    # CPU always runs XLA's attention, so only the knob's parsing is observable here: any
+    # integer leaves the result alone, anything else is a clear error
+    q = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 1, 8)), jnp.float32)
+    want = np.asarray(sdpa(q, q, q))
+    monkeypatch.setenv("PAM_JAX_FUSED_MIN_LEN", "65")
+    np.testing.assert_array_equal(np.asarray(sdpa(q, q, q)), want)
+    monkeypatch.setenv("PAM_JAX_FUSED_MIN_LEN", "short")
+    with pytest.raises(ValueError, match="PAM_JAX_FUSED_MIN_LEN.*'short'"):
+        sdpa(q, q, q)
