@@ -2,13 +2,19 @@
 (device work synchronised), pam-jax only, the model of `bench_amg.py`.
 
     python benchmarks/profile_amg.py            # SAM 2.1-L at 1024, 32 x 32 points, 1024 x 1536
+    python benchmarks/profile_amg.py --variants highest:64,bf16x6:64,taps:64,bf16x6:256 --peer
     python benchmarks/profile_amg.py --tiny --cpu
+
+`--variants MODE:BATCH,...` times the generator once per (`PAM_JAX_BILINEAR` mode, device batch)
+pair in one process (caches cleared between); `--peer` times the official generator (default
+settings, bf16 autocast) on the same images first, so each variant gets its ratio in the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 import time
@@ -21,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", default="highest:64", help="MODE:DEVICE_BATCH,...")
+    ap.add_argument("--peer", action="store_true", help="time the official generator too")
     args = ap.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -37,67 +45,72 @@ def main(argv=None) -> int:
     hw = (240, 320) if args.tiny else (1024, 1536)
     pps = 8 if args.tiny else 32
     dtype = jnp.float32 if args.cpu else jnp.bfloat16
-    _, model, _ = bench_amg._official(size, image_size, "cpu", dtype)
+    dev = "cpu" if args.cpu else "cuda"
+    ref, model, _ = bench_amg._official(size, image_size, dev, dtype)
     images = bench_amg._images(hw, 3)
-    times: dict[str, list[float]] = collections.defaultdict(list)
+    print(f"device {jax.devices()[0].device_kind}; images {hw}; {pps} x {pps} points", flush=True)
+    official_s = None
+    if args.peer:
+        import torch
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as Official
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(fn(*a, **k))
-            times[name].append(time.perf_counter() - t0)
-            return out
+        gen = Official(ref, points_per_side=pps)
+        s = image_size
+        gen.predictor._bb_feat_sizes = [(s // 4,) * 2, (s // 8,) * 2, (s // 16,) * 2]
 
-        return wrapper
+        def official(im):
+            with torch.inference_mode(), torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
+                r = gen.generate(im)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            return r
 
-    amg.encode_image = timed("encode_image", amg.encode_image)
-    amg._decode_points = timed("decode_points (16 x 64 points)", amg._decode_points)
-    amg._filter_candidates = timed("filter_candidates (upsample+filter)", amg._filter_candidates)
-    amg_utils.nms_host = timed("nms_host", amg_utils.nms_host)
-    amg._gather_upsample = timed("gather_upsample", amg._gather_upsample)
-    gen = amg.SAM2AutomaticMaskGenerator(model, points_per_side=pps)
-    gen._collect = timed("collect (upsample + host masks)", gen._collect)
-    gen._process_crop = timed("process_crop (all)", gen._process_crop)
-    gen.generate_masks = timed("generate_masks (all)", gen.generate_masks)
-    for im in images:  # compile
-        gen.generate(im)
-    times.clear()
-    tot = []
-    for _ in range(args.reps):
-        for im in images:
-            t0 = time.perf_counter()
-            recs = gen.generate(im)
-            tot.append(time.perf_counter() - t0)
-    n = len(tot)
-    # the decoder alone over the same 16 x 64 points (what the filtering adds is the rest)
-    from pam_jax.prepared import merge
+        official_s, counts = bench_amg._median_per_image(official, images, args.reps)
+        print(f"official: {official_s * 1e3:.1f} ms/image (masks {counts})", flush=True)
+        del gen
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    ref = None
+    names = ("encode_image", "_decode_points", "_filter_candidates", "_gather_upsample")
+    orig = {name: getattr(amg, name) for name in names}
+    orig_nms = amg_utils.nms_host
+    for variant in args.variants.split(","):
+        mode, batch = variant.split(":")
+        os.environ["PAM_JAX_BILINEAR"] = mode
+        jax.clear_caches()
+        times: dict[str, list[float]] = collections.defaultdict(list)
 
-    feats = amg.encode_image(gen._prep, images[0], image_size)
-    nb, b = -(-pps * pps // 64), 64
-    xy = jnp.asarray(np.random.default_rng(0).uniform(0, image_size, (nb, b, 2)), jnp.float32)
+        def timed(name, fn, times=times):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(fn(*a, **kw))
+                times[name].append(time.perf_counter() - t0)
+                return out
 
-    @jax.jit
-    def decode_only(leaves, feats, xy):
-        m = merge(gen._prep.structure, leaves)
+            return wrapper
 
-        def one(p):
-            out = m.decode_prompts(
-                feats["image_embed"], feats["high_res_feats"], p[:, None, :],
-                jnp.ones((b, 1), jnp.int32), multimask_output=True,
-            )  # fmt: skip
-            return out.masks.astype(jnp.float32).sum(), out.iou_pred.sum()
-
-        return jax.lax.map(one, xy)
-
-    jax.block_until_ready(decode_only(gen._prep.leaves, feats, xy))
-    t0 = time.perf_counter()
-    for _ in range(3):
-        jax.block_until_ready(decode_only(gen._prep.leaves, feats, xy))
-    times["decoder alone (no upsample/filter)"] = [(time.perf_counter() - t0) / 3 * n]
-    print(f"device {jax.devices()[0].device_kind}; images {hw}; masks per image {len(recs)}")
-    print(f"generate total: median {np.median(tot) * 1e3:.1f} ms")
-    for k, v in times.items():
-        print(f"  {k:36s} {np.sum(v) / n * 1e3:8.1f} ms/image  ({len(v) / n:.1f} calls/image)")
+        amg.encode_image = timed("encode_image", orig["encode_image"])
+        amg._decode_points = timed("decode_points", orig["_decode_points"])
+        amg._filter_candidates = timed("filter_candidates (upsample+filter)",
+                                       orig["_filter_candidates"])  # fmt: skip
+        amg_utils.nms_host = timed("nms_host", orig_nms)
+        amg._gather_upsample = timed("gather_upsample", orig["_gather_upsample"])
+        gen = amg.SAM2AutomaticMaskGenerator(model, points_per_side=pps, device_batch=int(batch))
+        counts = [len(gen.generate(im)) for im in images]  # compile
+        times.clear()
+        tot = []
+        for _ in range(args.reps):
+            for im in images:
+                t0 = time.perf_counter()
+                gen.generate(im)
+                tot.append(time.perf_counter() - t0)
+        n = len(tot)
+        med = float(np.median(tot))
+        rec = {"variant": variant, "ms_per_image": med * 1e3, "masks": counts}
+        if official_s:
+            rec["speedup"] = official_s / med
+        rec["stages_ms"] = {k: round(float(np.sum(v) / n * 1e3), 2) for k, v in times.items()}
+        print(json.dumps(rec), flush=True)
     return 0
 
 
