@@ -69,8 +69,11 @@ def encoder_flops(cfg) -> float:
     return float(f)
 
 
-def bench_jax(cfg, batch: int, dtype_name: str, rep: int, env: dict[str, str]) -> dict:
-    """`env`: variables the model reads at trace time (set while it compiles, then restored)."""
+def bench_jax(
+    cfg, batch: int, dtype_name: str, rep: int, env: dict[str, str], hlo_path: str | None = None
+) -> dict:
+    """`env`: variables the model reads at trace time (set while it compiles, then restored);
+    `hlo_path`: where to write the optimized HLO of the compiled program (its fusions)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -104,6 +107,9 @@ def bench_jax(cfg, batch: int, dtype_name: str, rep: int, env: dict[str, str]) -
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
     flops = nbytes = None
     try:
         ca = compiled.cost_analysis()
@@ -168,6 +174,7 @@ def main(argv=None) -> int:
         help="PAM_JAX_FUSED_MIN_LEN values to time, e.g. 0,65,257 (default: the "
         "environment's, else 0)",
     )
+    ap.add_argument("--hlo-dir", default=None, help="write each variant's optimized HLO here")
     ap.add_argument("--tiny", action="store_true", help="tiny model at 256^2 (CPU smoke test)")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
     min_lens = (args.fused_min_lens or os.environ.get("PAM_JAX_FUSED_MIN_LEN", "0")).split(",")
     min_lens = [str(int(n)) for n in min_lens]
     variants = list(itertools.product(layouts, min_lens))
+    if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
 
     device = "cpu" if args.cpu else "cuda"
     lim = card_limits(small=args.tiny)
@@ -201,7 +210,10 @@ def main(argv=None) -> int:
                     peer["torch_error"] = f"{type(e).__name__}: {e}"[:200]
             for layout, min_len in variants:
                 env = {"PAM_JAX_HIERA_LAYOUT": layout, "PAM_JAX_FUSED_MIN_LEN": min_len}
-                r = bench_jax(cfg, b, args.dtype, args.rep, env)
+                hlo = args.hlo_dir and os.path.join(
+                    args.hlo_dir, f"{cfg.name}_b{b}_{layout}_min{min_len}.hlo.txt"
+                )
+                r = bench_jax(cfg, b, args.dtype, args.rep, env, hlo)
                 row = {"model": cfg.name, "batch": b, "layout": layout}
                 row["fused_min_len"] = int(min_len)
                 row |= {"jax_img_s": b / r["s"], "jax_ms": r["s"] * 1e3}
