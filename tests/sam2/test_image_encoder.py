@@ -174,14 +174,19 @@ def test_image_encoder_jit_equals_eager(tiny256):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-def test_trunk_non_square(tiny256):
+_trunk_layout = nnx.jit(lambda m, x, layout: m.trunk(x, layout), static_argnums=2)
+
+
+@pytest.mark.parametrize("layout", ["stage", "block"])
+def test_trunk_non_square(tiny256, layout):
     # the trunk accepts any H, W that are multiples of 32 (192 x 320: windows padded differently
-    # along H and W)
+    # along H and W in stage 3 / 4; stage 1 / 2 tile into 6 x 10 windows, kept window-ordered
+    # by the "stage" layout, re-partitioned per block by "block")
     ref, model = tiny256
     x = np.random.default_rng(3).standard_normal((1, 3, 192, 320)).astype(np.float32)
     with torch.no_grad():
         want = ref.trunk(torch.from_numpy(x))
-    got = _trunk(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    got = _trunk_layout(model, jnp.asarray(x.transpose(0, 2, 3, 1)), layout)
     for i, (g, w) in enumerate(zip(got, want)):
         _check(g, _nhwc(w), f"trunk level {i}")
 
