@@ -132,6 +132,64 @@ def init_params(make: Callable[[], Any], seed: int = 0, *, what: str = "model") 
     return model
 
 
+def align_prompt_attention(sam2, alpha: float = 25.0) -> None:
+    """The demo's initialisation of the micro SAM 2's prompt path (in place, on `init_params`
+    weights): the position alignment the official SAM 2 inherits from pre-training on SA-1B.
+
+    SAM 2's decoder locates a prompt only through attention between the prompt tokens (Fourier
+    PE of the point + a type embedding) and the image keys (+ the dense PE of the same Gaussian
+    matrix). With random q / k the token-to-image attention starts uniform (the attention mass
+    within 1.5 cells of a box corner is 0.11, uniform 0.09), so from scratch the cheapest cut of
+    the loss is saliency and the prompt path dies within 100 steps (masks ignore the prompt).
+    Here a position subspace S (the sin / cos pairs of the first d/4 Fourier features) is
+    reserved: those frequencies are set to low x / y frequencies (each head's kernel peaks once
+    over the image), the cross attentions' q / k read exactly S (W_q^T W_k = alpha x identity
+    on S, a truncated identity since downsample_rate halves the width), and the content that
+    enters them (neck outputs, learned tokens, the decoder's normed streams) starts at 0 on S.
+    Token-to-image attention near the prompt then starts at 0.79 and stays there in training."""
+    dec = sam2.sam_mask_decoder
+    tr = dec.transformer
+    d = dec.transformer_dim
+    npf, nf = d // 2, d // 4  # Fourier features; frequencies in S (2 q / k dims each)
+    S = np.r_[0:nf, npf : npf + nf]
+
+    def zero_on_s(p) -> None:
+        v = np.array(p[...])
+        v[..., S] = 0
+        p[...] = v
+
+    atts = [tr.final_attn_token_to_image]
+    for layer in tr.layers:
+        atts += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
+    heads = atts[0].num_heads
+    per_head = atts[0].internal_dim // heads // 2  # frequencies per head
+    # each head's frequencies: x, y, x, ... of one magnitude (1/4 of a cycle over the image
+    # for half the heads: a single peak; 1/2 and 3/4 for the rest: sharper, still few peaks)
+    mags = [0.25] * (heads // 2) + [0.5] * (heads // 4) + [0.75] * (heads - heads // 2 - heads // 4)
+    g = sam2.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    gm = np.array(g[...])
+    for f in range(nf):
+        gm[:, f] = (mags[f // per_head], 0.0) if f % 2 == 0 else (0.0, mags[f // per_head])
+    g[...] = gm
+    w = np.zeros((d, atts[0].internal_dim), np.float32)
+    for j in range(w.shape[1]):  # internal dim j: sin (even j) / cos (odd j) of frequency j // 2
+        w[j // 2 + (npf if j % 2 else 0), j] = np.sqrt(alpha)
+    for att in atts:
+        att.q_proj.kernel[...] = w
+        att.k_proj.kernel[...] = w
+    for conv in sam2.image_encoder.neck.convs:
+        zero_on_s(conv.conv.kernel)
+    zero_on_s(sam2.no_mem_embed)
+    pe = sam2.sam_prompt_encoder
+    for e in (*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed, dec.iou_token,
+              dec.mask_tokens, dec.obj_score_token):  # fmt: skip
+        zero_on_s(e.embedding)
+    for layer in tr.layers:
+        for norm in (layer.norm1, layer.norm2, layer.norm3, layer.norm4):
+            zero_on_s(norm.scale)
+    zero_on_s(tr.norm_final_attn.scale)
+
+
 def write_initial_model(out_dir: Path, image_size: int, seed: int) -> Path:
     """A fresh micro PAM + the demo tokenizer as a model directory (atomically)."""
     from flax import nnx
@@ -143,6 +201,7 @@ def write_initial_model(out_dir: Path, image_size: int, seed: int) -> Path:
     vocab = -(-tok.vocab_size // 32) * 32  # padded, as released vocabularies are
     cfg = micro_config(image_size, vocab)
     model = init_params(lambda: PAM(cfg, rngs=nnx.Rngs(seed)), seed, what="micro PAM")
+    align_prompt_attention(model.sam2)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok_dir = tmp / "tokenizer"
