@@ -4,9 +4,12 @@ temporaries are dominated by the layers' weights: the micro PAM with a wider 8-l
 (hidden 1024, MLP 4096: 15.2 M parameters a layer), compiled for v5e:2x4 with mesh (1, 8, 1),
 bf16, remat full, one row per chip.
 
-What the compiled programs show (libtpu 0.0.42.1: 185 MiB unrolled vs 49 MiB scanned): the
-SPMD partitioner reduces each layer's weight gradients over the batch with a full-size
-all-reduce (every chip holds the layer's whole bf16 gradient before keeping its shard). In
+What the compiled programs show (libtpu 0.0.42.1: 185 MiB unrolled vs 49 MiB scanned): most
+weight gradients are reduce-scattered (on TPU an all-reduce + dynamic-slice pair inside a kCustom
+`all-reduce-scatter` fusion, so a text search for "all-reduce(" finds those too), but down_proj's
+gradient (with the layer's norm / bias gradients) is all-reduced whole, every chip holding the
+layer's whole bf16 down_proj gradient before keeping its shard; a sharding constraint on that
+cotangent (in the compute dtype, before the cast back to float32) did not change it. In
 the scan each iteration reduces its own layer (one all-reduce of one layer's matrices) and
 frees it. Unrolled, XLA's all-reduce combiner merges the reductions of many layers into one
 tuple all-reduce at the end of the backward pass, so the whole gradients of all those layers
