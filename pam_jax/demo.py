@@ -9,8 +9,10 @@ demo resumes at the stage it stopped in; a DIR made with other settings is refus
    a training split and a held-out split drawn from other seeds, both prepared as datasets by
    `pam_jax.data.prepare` (what `pam-jax data prepare` runs).
 2. `model_init/`: a micro PAM with fresh random weights (`micro_config`: a 6-block Hiera SAM 2
-   at 128 x 128, the Semantic Perceiver, projectors, a 2-layer Qwen2) and a word-level
-   tokenizer of the dataset's vocabulary (`demo_data.build_tokenizer`).
+   at 128 x 128, the Semantic Perceiver, projectors, a 2-layer Qwen2), its SAM 2 decoder's
+   prompt attention aligned to positions (`align_prompt_attention`: what the official SAM 2
+   inherits from pre-training), and a word-level tokenizer of the dataset's vocabulary
+   (`demo_data.build_tokenizer`).
 3. `train_sam2/`, `train/`: `pam-jax train` twice, as PAM itself is built (its SAM 2 is
    trained first, then frozen): phase 0 trains SAM 2 alone on the segmentation loss on the
    generated masks (run config `configs/train/demo-sam2.json`, `lm_loss` 0), phase 1 the
