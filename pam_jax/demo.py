@@ -192,8 +192,10 @@ def align_prompt_attention(sam2, alpha: float = 25.0) -> None:
     zero_on_s(tr.norm_final_attn.scale)
 
 
-def write_initial_model(out_dir: Path, image_size: int, seed: int) -> Path:
-    """A fresh micro PAM + the demo tokenizer as a model directory (atomically)."""
+def write_initial_model(out_dir: Path, image_size: int, seed: int, *, align: bool = True) -> Path:
+    """A fresh micro PAM + the demo tokenizer as a model directory (atomically); `align`: the
+    demo's prompt-attention initialisation (`align_prompt_attention`), off for plain random
+    weights."""
     from flax import nnx
 
     from pam_jax.demo_data import build_tokenizer
@@ -203,7 +205,8 @@ def write_initial_model(out_dir: Path, image_size: int, seed: int) -> Path:
     vocab = -(-tok.vocab_size // 32) * 32  # padded, as released vocabularies are
     cfg = micro_config(image_size, vocab)
     model = init_params(lambda: PAM(cfg, rngs=nnx.Rngs(seed)), seed, what="micro PAM")
-    align_prompt_attention(model.sam2)
+    if align:
+        align_prompt_attention(model.sam2)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok_dir = tmp / "tokenizer"
