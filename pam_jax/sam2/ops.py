@@ -119,8 +119,9 @@ def _bilinear_taps(x: jax.Array, out_hw: tuple[int, int], ah: int, aw: int) -> j
 # The masks' upsample (`resize_bilinear` without antialias, or upscaling) is a float32 matmul
 # chain whose second contraction (H x h x W MACs per mask: 0.9 GFLOP per 256^2 -> 1024 x 1536
 # mask) is most of the mask generator's filter on the GPU. `PAM_JAX_BILINEAR` (read at trace
-# time) picks how it runs there: "bf16x3" (the default on accelerators: three bf16 tensor-core
-# passes, ~2^-17 relative, finer than the bf16 model that made the logits), "bf16x6" / "tf32x3"
+# time) picks how it runs there: "bf16x3" (the default on accelerators unless the default matmul
+# precision is "highest", as in float32 parity runs: three bf16 tensor-core passes, ~2^-17
+# relative, finer than the bf16 model that made the logits), "bf16x6" / "tf32x3"
 # (~2^-22 / 2^-21), "highest" (float32 on CUDA cores), or "taps" (two gathered taps per axis, no
 # matmul). H200, SAM 2.1-L mask generator, 32 x 32 points at 1024 x 1536 (profile_amg.py, one
 # run): highest 163.6 ms / image (filter 81.3), bf16x6 157.9 (76.5), bf16x3 137.4 (56.6). The
@@ -133,7 +134,10 @@ _BILINEAR_ALGOS = {
 
 
 def _bilinear_mode() -> str:
-    mode = os.environ.get("PAM_JAX_BILINEAR", "bf16x3")
+    # float32 parity runs on an accelerator (`jax_default_matmul_precision="highest"`, as
+    # tests/conftest.py sets) keep the float32 upsample unless asked otherwise
+    full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
+    mode = os.environ.get("PAM_JAX_BILINEAR", "highest" if full else "bf16x3")
     if mode not in ("highest", "taps", *_BILINEAR_ALGOS):
         raise ValueError(
             f"PAM_JAX_BILINEAR={mode!r}: use highest, taps, {', '.join(_BILINEAR_ALGOS)}"

@@ -32,3 +32,18 @@ def test_bad_mode(monkeypatch):
     monkeypatch.setenv("PAM_JAX_BILINEAR", "fast")
     with pytest.raises(ValueError, match="PAM_JAX_BILINEAR='fast'"):
         ops._bilinear_mode()
+
+
+def test_accelerator_default_follows_matmul_precision(monkeypatch):
+    """On an accelerator the upsample runs three bf16 passes, except in float32 parity runs
+    (default matmul precision "highest", which tests/conftest.py sets)."""
+    import jax
+
+    monkeypatch.delenv("PAM_JAX_BILINEAR", raising=False)
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    with jax.default_matmul_precision("highest"):
+        assert ops._bilinear_mode() == "highest"
+    with jax.default_matmul_precision("default"):
+        assert ops._bilinear_mode() == "bf16x3"
+        monkeypatch.setenv("PAM_JAX_BILINEAR", "taps")
+        assert ops._bilinear_mode() == "taps"
