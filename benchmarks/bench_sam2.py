@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         "--layouts",
         default=None,
         help="Hiera token layouts to time, e.g. block,stage (default: PAM_JAX_HIERA_LAYOUT, "
-        "else stage)",
+        "else block)",
     )
     ap.add_argument(
         "--fused-min-lens",
