@@ -37,21 +37,22 @@ CFG = HieraConfig(
 )
 
 
-def _official():
+def official_hiera(cfg: HieraConfig = CFG):
+    """The official hieradet `Hiera` at `cfg`, every parameter perturbed, in eval mode."""
     from sam2.modeling.backbones.hieradet import Hiera as TorchHiera
 
     torch.manual_seed(0)
     ref = TorchHiera(
-        embed_dim=CFG.embed_dim,
-        num_heads=CFG.num_heads,
-        q_pool=CFG.q_pool,
-        q_stride=tuple(CFG.q_stride),
-        stages=tuple(CFG.stages),
-        dim_mul=CFG.dim_mul,
-        head_mul=CFG.head_mul,
-        window_pos_embed_bkg_spatial_size=tuple(CFG.window_pos_embed_bkg_spatial_size),
-        window_spec=tuple(CFG.window_spec),
-        global_att_blocks=tuple(CFG.global_att_blocks),
+        embed_dim=cfg.embed_dim,
+        num_heads=cfg.num_heads,
+        q_pool=cfg.q_pool,
+        q_stride=tuple(cfg.q_stride),
+        stages=tuple(cfg.stages),
+        dim_mul=cfg.dim_mul,
+        head_mul=cfg.head_mul,
+        window_pos_embed_bkg_spatial_size=tuple(cfg.window_pos_embed_bkg_spatial_size),
+        window_spec=tuple(cfg.window_spec),
+        global_att_blocks=tuple(cfg.global_att_blocks),
     )
     perturb_(ref)
     return ref.eval()
@@ -59,7 +60,7 @@ def _official():
 
 def test_global_q_pool_block_matches_official():
     assert set(CFG.q_pool_blocks) & set(CFG.global_att_blocks) == {1, 3}
-    ref = _official()
+    ref = official_hiera()
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
     xt = torch.from_numpy(x)
     with torch.no_grad(), pytest.raises(ZeroDivisionError):

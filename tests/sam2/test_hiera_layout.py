@@ -20,12 +20,13 @@ import pytest
 import torch
 from flax import nnx
 from pam_jax.convert.torch_nnx import torch_to_nnx_params
-from torch_ref import perturb_, to_np
+from torch_ref import to_np
 
 from pam_jax.checkpoint import assign_params
 from pam_jax.sam2.common import sdpa
 from pam_jax.sam2.config import HIERA, HieraConfig
 from pam_jax.sam2.hiera import Hiera, hiera_layout, rewindow, to_spatial, to_windows
+from tests.sam2.test_hiera import official_hiera
 
 REL_TOL = 1e-5
 
@@ -94,31 +95,11 @@ def test_layouts_equal_hiera_l():
         _close(s, b, f"hiera-l stage output {i}")
 
 
-def _official(cfg: HieraConfig):
-    from sam2.modeling.backbones.hieradet import Hiera as TorchHiera
-
-    torch.manual_seed(0)
-    ref = TorchHiera(
-        embed_dim=cfg.embed_dim,
-        num_heads=cfg.num_heads,
-        q_pool=cfg.q_pool,
-        q_stride=tuple(cfg.q_stride),
-        stages=tuple(cfg.stages),
-        dim_mul=cfg.dim_mul,
-        head_mul=cfg.head_mul,
-        window_pos_embed_bkg_spatial_size=tuple(cfg.window_pos_embed_bkg_spatial_size),
-        window_spec=tuple(cfg.window_spec),
-        global_att_blocks=tuple(cfg.global_att_blocks),
-    )
-    perturb_(ref)
-    return ref.eval()
-
-
 @pytest.mark.parametrize("name", ["merge_split_global", "respatial_padded"])
 @pytest.mark.parametrize("layout", ["stage", "block"])
 def test_layout_matches_official(name, layout):
     cfg, side, _ = CASES[name]
-    ref = _official(cfg)
+    ref = official_hiera(cfg)
     x = _image(side)
     with torch.no_grad():
         outs = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
