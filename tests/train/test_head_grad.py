@@ -1,4 +1,4 @@
-"""The training loss head's custom VJP (`pam_jax.llm.loss.chunk_nll`): the chunked loss and
+"""The training loss head's custom VJP (`pam_jax.llm.loss.head_nll`): the chunked loss and
 its gradients with respect to the hidden states and the head weight equal autodiff through
 `Qwen2ForCausalLM.logits` of the whole [B, T, V] cross entropy, tied and untied heads; in bf16
 the backward has no float32 x bf16 matmul; the head weight is not stacked per chunk.
@@ -157,3 +157,43 @@ def test_per_source_losses_split_the_total():
     np.testing.assert_allclose(float(nll.sum()), float(total), rtol=1e-5)
     assert float(n.sum()) == int(total_n) > 0
     assert source_loss_sums(model, hidden, labels, src, 1, chunk=8) is None  # one source: none
+
+
+def test_only_chunks_with_targets_run():
+    """The head runs on the leading chunks of each row's sorted supervised positions only:
+    with answers at the rows' ends (the release's layout), 37 positions of which at most 6 a
+    row are supervised take one chunk of 8, not five (unsorted, the last target sits in the
+    fifth); values and gradients still equal the direct [B, T, V] computation (float32)."""
+
+    from pam_jax.llm.loss import _live_chunks
+
+    model = _model(True)
+    hidden, _ = _data(model.cfg.hidden_size)
+    labels = np.full((3, 37), -100)
+    labels[0, 31:] = np.arange(6)  # the shifted targets: positions 30..35
+    labels[1, 20:24] = 7
+    labels = jnp.asarray(labels)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((3, 1), -100)], axis=1)
+    targets = jnp.pad(targets, ((0, 0), (0, 3)), constant_values=-100)  # 40 = 5 chunks of 8
+    order = jnp.argsort(jnp.where(targets >= 0, 0, 1), axis=1, stable=True)
+    assert int(_live_chunks(targets, 8)) == 5  # unsorted: up to the last target's chunk
+    assert int(_live_chunks(jnp.take_along_axis(targets, order, axis=1), 8)) == 1
+    got_v, got_s, got_h = _grads(
+        model, lambda m, h, y: lm_loss_sums(m, h, y, chunk=8)[0], hidden, labels
+    )
+    ref_v, ref_s, ref_h = _grads(model, _direct, hidden, labels)
+    np.testing.assert_allclose(float(got_v), float(ref_v), rtol=1e-5)
+    np.testing.assert_allclose(got_h, ref_h, atol=1e-5)
+    key = _head_key(True)
+    np.testing.assert_allclose(dict(got_s)[key][...], dict(ref_s)[key][...], atol=1e-5)
+
+
+def test_nothing_to_learn_is_zero():
+    model = _model(False)
+    hidden, _ = _data(model.cfg.hidden_size)
+    labels = jnp.full(hidden.shape[:2], -100)
+    nll, n = lm_loss_sums(model, hidden, labels, chunk=8)
+    assert float(nll) == 0.0 and int(n) == 0
+    _, gs, gh = _grads(model, lambda m, h, y: lm_loss_sums(m, h, y, chunk=8)[0], hidden, labels)
+    assert float(jnp.abs(gh).max()) == 0.0
+    assert float(jnp.abs(dict(gs)[_head_key(False)][...]).max()) == 0.0
