@@ -102,6 +102,42 @@ def bench_runner(model, tok, items, args, new: int, work: Path) -> dict:
     return {"seconds": dt, "items_per_s": len(items) / dt}
 
 
+def bench_phases(model, tok, items, args, new: int) -> dict:
+    """Seconds per group of each stage, the device synchronised after each (so they add up to
+    more than the pipelined run): load + resize (host), SAM 2 + perceiver (all images of the
+    group), the generation, the lines (masks to host, RLE)."""
+    import jax
+
+    from pam_jax.evaluation.runner import PendingGroup, Runner, _batches, load_image
+    from pam_jax.pam.predictor import PAMPredictor
+
+    pred = PAMPredictor(model, tok, max_new_tokens=new)
+    runner = Runner(pred, batch_size=args.batch_size)
+    groups = _batches(sorted(items, key=lambda it: it.media[0]), args.batch_size)
+    groups = groups[: args.phases + 1]
+    acc = {"load_s": 0.0, "sam2_s": 0.0, "llm_s": 0.0, "finish_s": 0.0}
+    for k, g in enumerate(groups):  # group 0 warms up
+        t0 = time.perf_counter()
+        imgs = {p: pred.prepare_image(load_image(p)) for p in sorted({it.media[0] for it in g})}
+        t1 = time.perf_counter()
+        masks, errors, parts = runner._launch_sam2(g, imgs)
+        jax.block_until_ready([m for m, _ in masks.values()] + [p[1].embeds for p in parts])
+        t2 = time.perf_counter()
+        texts, rows = runner._launch_llm(g[0].task, parts)
+        texts.gen.tokens.block_until_ready()
+        t3 = time.perf_counter()
+        PendingGroup(list(g), masks, errors, texts, rows).finish()
+        t4 = time.perf_counter()
+        if k:
+            for key, dt in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                acc[key] += dt / (len(groups) - 1)
+    out = {key: round(v, 4) for key, v in acc.items()}
+    out["regions_per_group"] = args.batch_size
+    say(f"phases per group of {args.batch_size} (synchronised): " +
+        ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in acc.items()))  # fmt: skip
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +154,10 @@ def main(argv=None) -> int:
     ap.add_argument("--text-after", type=int, default=29)
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--phases", type=int, default=4,
+                    help="time each stage of this many groups, synchronised (0: skip)")  # fmt: skip
+    ap.add_argument("--tasks", default="recognize,detailed-caption",
+                    help="which evals to run (default both)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -130,7 +170,7 @@ def main(argv=None) -> int:
         ap.error("--new is two token counts: recognition,detailed-caption")
     if args.tiny:
         news = [min(n, 8) for n in news]
-    evals = list(zip(("recognize", "detailed-caption"), news))
+    evals = [e for e in zip(("recognize", "detailed-caption"), news) if e[0] in args.tasks]
     os.environ.setdefault("PAM_JAX_PROGRESS", "0")
     check_deps(not args.no_peer)
 
@@ -173,6 +213,8 @@ def main(argv=None) -> int:
         for task, new in evals:
             items = _items(work / "img", args.images, args.regions, task)
             r = bench_runner(model, tok, items, args, new, work)
+            if args.phases:
+                r["phases"] = bench_phases(model, tok, items, args, new)
             res[f"jax_{task}"] = r
             say(f"pam-jax eval, {task} ({new} new tokens): {r['items_per_s']:.1f} items/s "
                 f"({r['seconds']:.1f} s for {args.regions})")  # fmt: skip

@@ -108,6 +108,12 @@ def load_image(path: str) -> np.ndarray:
         raise ValueError(f"image {path} is not a readable image ({e})") from None
 
 
+def _hw(img: Any) -> tuple[int, int]:
+    from pam_jax.pam.predictor import PreparedImage
+
+    return img.hw if isinstance(img, PreparedImage) else tuple(np.asarray(img).shape[:2])
+
+
 def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
     """The item's region for the predictor, a mask spec decoded at the image size."""
     r = dict(item.region)
@@ -138,15 +144,18 @@ def _batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def _prefetch(groups: Sequence[list[Item]], workers: int = 4) -> Iterator[tuple[list, dict]]:
-    """(group, {path: image}) with the images of the next groups decoded on host threads."""
+def _prefetch(
+    groups: Sequence[list[Item]], workers: int = 4, load: Callable[[Any], Any] = load_image
+) -> Iterator[tuple[list, dict]]:
+    """(group, {path: load(path) or the exception it raised}) with the images of the next
+    groups loaded on host threads."""
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = []
 
         def submit(g):
             paths = sorted({it.media[0] for it in g})
-            return {p: pool.submit(load_image, p) for p in paths}
+            return {p: pool.submit(load, p) for p in paths}
 
         ahead = 2
         for g in groups[:ahead]:
@@ -184,44 +193,73 @@ class Runner:
         self.rows = -(-batch_size // n) * n  # generation rows: a multiple of the data axis
         self._gather = _gather(mesh)
 
-    def image_group(self, group: Sequence[Item], images: dict[str, np.ndarray]) -> list[dict]:
-        """One batch of image items: SAM 2 per image, one padded generation for all regions."""
-        from pam_jax.pam.predictor import LLMInputs
+    def image_group(self, group: Sequence[Item], images: dict[str, Any]) -> list[dict]:
+        """One batch of image items: SAM 2 per image, one padded generation for all regions.
+        `images`: path -> RGB array, `PreparedImage` or the exception its loading raised."""
+        return self.launch_image_group(group, images).finish()
+
+    def launch_image_group(self, group: Sequence[Item], images: dict[str, Any]) -> PendingGroup:
+        """`image_group` dispatched to the device without waiting for it: bad items are found
+        here (on the host); `finish()` waits for the texts and masks and makes the lines."""
+        masks, errors, parts = self._launch_sam2(group, images)
+        texts, rows = self._launch_llm(group[0].task, parts)
+        return PendingGroup(list(group), masks, errors, texts, rows)
+
+    def _launch_sam2(self, group: Sequence[Item], images: dict[str, Any]):
+        """SAM 2 + perceiver for every image of the group in one call, dispatched: (item ->
+        (its image's device masks, row), item -> error, [(items, LLMInputs)] per image)."""
+        from pam_jax.sam2.common import pow2_bucket
+        from pam_jax.sam2.prompts import pad_regions
 
         task = group[0].task
         by_image: dict[str, list[int]] = {}
         for i, it in enumerate(group):
             by_image.setdefault(it.media[0], []).append(i)
-        masks: dict[int, np.ndarray] = {}
         errors: dict[int, str] = {}
-        parts: list[tuple[list[int], Any]] = []
+        runnable: list[tuple[Any, list[int], list[dict]]] = []
         for path, idx in by_image.items():
             img = images[path]
             if isinstance(img, BaseException):
                 errors.update({i: _error(img) for i in idx})
                 continue
-            try:
-                inp = self._image(img, [group[i] for i in idx], task)
-            except FAILURES:  # find the bad region(s); the others still run together
-                ok = []
-                for i in idx:
-                    try:
-                        self._image(img, [group[i]], task)
-                        ok.append(i)
-                    except FAILURES as e:
-                        errors[i] = _error(e)
-                if not ok:
+            hw = _hw(img)
+            ok, regions = [], []
+            for i in idx:  # bad prompts are found on the host, region by region
+                try:
+                    r = _region(group[i], hw)
+                    pad_regions([r], hw, self.pred.image_size)
+                except FAILURES as e:
+                    errors[i] = _error(e)
                     continue
-                idx = ok
-                inp = self._image(img, [group[i] for i in idx], task)
-            for j, i in enumerate(idx):
-                masks[i] = inp.masks[j]
-            parts.append((idx, inp.llm))
-        texts: dict[int, str] = {}
+                ok.append(i)
+                regions.append(r)
+            if ok:
+                runnable.append((img, ok, regions))
+        if len(runnable) == 1:  # one image: its regions padded to a power of two (one program
+            regions = runnable[0][2]  # per bucket; several images are padded all together)
+            regions += [regions[0]] * (pow2_bucket(len(regions)) - len(regions))
+        masks: dict[int, tuple[Any, int]] = {}
+        parts: list[tuple[list[int], Any]] = []
+        if runnable:
+            inps = self.pred.images_inputs(
+                [r[0] for r in runnable], [r[2] for r in runnable], TASKS[task], self.lang
+            )
+            for (_, idx, _), inp in zip(runnable, inps):
+                masks.update({i: (inp.masks, j) for j, i in enumerate(idx)})
+                parts.append((idx, inp.llm))
+        return masks, errors, parts
+
+    def _launch_llm(self, task: str, parts: list[tuple[list[int], Any]]):
+        """One padded generation over every region of the group, dispatched: (PendingTexts or
+        None, the item index of each generation row)."""
+        from pam_jax.pam.predictor import LLMInputs
+
+        texts = None
+        rows: list[int] = []
         if task != "segment" and parts:
-            rows = [(i, k, llm) for idx, llm in parts for k, i in enumerate(idx)]
+            rows = [i for idx, _ in parts for i in idx]
             # fixed batch (self.rows): one decoding program; padding rows repeat row 0 and
-            # are dropped below
+            # are dropped in finish()
             take = [(j, k) for j, (idx, _) in enumerate(parts) for k in range(len(idx))]
             take += [take[0]] * (self.rows - len(take))
             import jax.numpy as jnp
@@ -232,27 +270,8 @@ class Runner:
             lengths = np.asarray([parts[j][1].lengths[k] for j, k in take])
             first = parts[0][1]
             joined = LLMInputs(emb, lengths, emb[:, :0], first.text_before, first.text_after)
-            gen = self.pred.generate(joined, self.seed)
-            for r, (i, _, _) in enumerate(rows):
-                texts[i] = gen[r][0]
-        out = []
-        for i, it in enumerate(group):
-            if i in errors:
-                out.append({"id": it.id, "error": errors[i]})
-            else:
-                out.append(
-                    {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(masks[i])}
-                )
-        return out
-
-    def _image(self, img: np.ndarray, items: Sequence[Item], task: str):
-        """image_inputs for some regions of one image, their count padded to a power of two
-        (one SAM 2 program per bucket; the padding rows repeat the first region)."""
-        from pam_jax.sam2.common import pow2_bucket
-
-        regions = [_region(it, img.shape[:2]) for it in items]
-        regions += [regions[0]] * (pow2_bucket(len(regions)) - len(regions))
-        return self.pred.image_inputs(img, regions, TASKS[task], self.lang)
+            texts = self.pred.generate_async(joined, self.seed)
+        return texts, rows
 
     def video_item(self, it: Item) -> list[dict]:
         try:
@@ -292,13 +311,57 @@ class Runner:
         images = sorted(
             (it for it in items if it.kind == "image"), key=lambda it: (it.task, it.media[0])
         )
-        for group, decoded in _prefetch(_batches(images, self.batch_size)):
-            yield len(group), self.image_group(group, decoded)
+        # one group in flight: the device runs group k + 1 while the host waits for, encodes
+        # and writes group k (its masks' RLE, its texts)
+        pending: PendingGroup | None = None
+        load = self._load_prepared
+        for group, decoded in _prefetch(_batches(images, self.batch_size), load=load):
+            launched = self.launch_image_group(group, decoded)
+            if pending is not None:
+                yield len(pending.group), pending.finish()
+            pending = launched
+        if pending is not None:
+            yield len(pending.group), pending.finish()
         for it in items:
             if it.kind == "video":
                 yield 1, self.video_item(it)
             elif it.kind == "stream":
                 yield 1, self.stream_item(it)
+
+    def _load_prepared(self, path: Any) -> Any:
+        """Decode and resize on a loader thread (both off the device's critical path)."""
+        return self.pred.prepare_image(load_image(path))
+
+
+@dataclasses.dataclass
+class PendingGroup:
+    """A launched image group (`Runner.launch_image_group`); `finish()` makes its lines."""
+
+    group: list[Item]
+    masks: dict[int, tuple[Any, int]]
+    errors: dict[int, str]
+    texts: Any  # PendingTexts, or None (segmentation, or no runnable item)
+    rows: list[int]  # the generation's rows: item indices in order
+
+    def finish(self) -> list[dict]:
+        texts: dict[int, str] = {}
+        if self.texts is not None:
+            gen = self.texts.result()
+            texts = {i: gen[r][0] for r, i in enumerate(self.rows)}
+        host: dict[int, np.ndarray] = {}  # each image's masks, copied once
+        out = []
+        for i, it in enumerate(self.group):
+            if i in self.errors:
+                out.append({"id": it.id, "error": self.errors[i]})
+                continue
+            dev, j = self.masks[i]
+            key = id(dev)
+            if key not in host:
+                host[key] = np.asarray(dev)
+            out.append(
+                {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(host[key][j])}
+            )
+        return out
 
 
 def _take_rows(flat: Any, index: Any) -> Any:

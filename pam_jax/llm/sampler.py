@@ -401,7 +401,7 @@ def _generate(
     return out.tokens[:b0], out.lengths[:b0]
 
 
-def generate(
+def generate_async(
     model: Any,
     *,
     input_ids: Any = None,
@@ -416,11 +416,12 @@ def generate(
     max_cache_length: int | None = None,
     min_batch: int | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> Generated:
-    """Generate up to `max_new_tokens` per row.
+) -> PendingGeneration:
+    """Dispatch the generation of up to `max_new_tokens` per row, without waiting for it:
+    the returned `PendingGeneration`'s `result()` gives the host arrays (`generate` waits).
 
     input_ids [B, T] int or inputs_embeds [B, T, H]; both right-padded with `prompt_lengths`
-    [B] (default: all T). Returns host arrays `tokens [B, max_new_tokens]`, `lengths [B]`.
+    [B] (default: all T). The result: host arrays `tokens [B, max_new_tokens]`, `lengths [B]`.
     The KV cache has bucket(T) + max_new_tokens slots (rounded up to a multiple of 8); a prompt
     for which that exceeds `max_cache_length` (default: the config's max_position_embeddings)
     is an error.
@@ -493,9 +494,53 @@ def generate(
             decode_batch=max(b, min_batch),
             report_steps=on_step is not None,
         )
-        out = Generated(np.asarray(tokens), np.asarray(lens))
-        if on_step is not None:
-            jax.effects_barrier()  # every step's callback has run before the hook goes
-        return out
-    finally:
+    except BaseException:
         _STEP_HOOKS.pop(hook_id, None)
+        raise
+    return PendingGeneration(tokens, lens, hook_id if on_step is not None else None)
+
+
+@dataclasses.dataclass
+class PendingGeneration:
+    """A dispatched generation (`generate_async`): its tokens are still being computed on the
+    device; `result()` waits for them."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    hook_id: int | None = None
+
+    def result(self) -> Generated:
+        try:
+            out = Generated(np.asarray(self.tokens), np.asarray(self.lengths))
+            if self.hook_id is not None:
+                jax.effects_barrier()  # every step's callback has run before the hook goes
+            return out
+        finally:
+            if self.hook_id is not None:
+                _STEP_HOOKS.pop(self.hook_id, None)
+
+
+def generate(
+    model: Any,
+    *,
+    input_ids: Any = None,
+    inputs_embeds: Any = None,
+    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    max_new_tokens: int = 32,
+    sampling: SamplingParams = SamplingParams(),
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    rng: jax.Array | int = 0,
+    buckets: Sequence[int] | None = None,
+    max_cache_length: int | None = None,
+    min_batch: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Generated:
+    """`generate_async(...).result()`: the host arrays `tokens [B, max_new_tokens]`,
+    `lengths [B]` (the arguments are `generate_async`'s)."""
+    return generate_async(
+        model, input_ids=input_ids, inputs_embeds=inputs_embeds,
+        prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
+        stop_ids=stop_ids, pad_id=pad_id, rng=rng, buckets=buckets,
+        max_cache_length=max_cache_length, min_batch=min_batch, on_step=on_step,
+    ).result()  # fmt: skip

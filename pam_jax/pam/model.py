@@ -188,12 +188,20 @@ def image_region_outputs(
     valid: jax.Array,
     mask_inputs: jax.Array | None = None,
     is_mask: jax.Array | None = None,
+    image_index: jax.Array | None = None,
 ) -> RegionOutputs:
     """`image_regions` with SAM 2's decoder outputs (for the trainer's SAM 2 losses)."""
     n = labels.shape[0]
-    if image.shape[0] not in (1, n):
-        raise ValueError(f"{image.shape[0]} images for {n} regions: give 1 image or one per region")
+    if image_index is not None:
+        if image_index.shape != (n,):
+            raise ValueError(f"image_index must be [{n}], got {image_index.shape}")
+    elif image.shape[0] not in (1, n):
+        raise ValueError(
+            f"{image.shape[0]} images for {n} regions: give 1 image, one per region or image_index"
+        )
     feats = sam2.frame_features(image)
+    if image_index is not None and image.shape[0] > 1:  # each region reads its image's maps
+        feats = jax.tree.map(lambda a: a[image_index], feats)
     prompts = region_prompts_step(coords, labels, valid, mask_inputs, is_mask)
     out, _ = pam_track_step(sam2, feats, prompts, None, 0, 1, is_cond=True)
     dec = out.decoder
@@ -210,15 +218,18 @@ def image_regions(
     valid: jax.Array,
     mask_inputs: jax.Array | None = None,
     is_mask: jax.Array | None = None,
+    image_index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """N regions through SAM 2 and PAM's parts, as the release's 1-frame video predictor sees
     them; pure and static-shaped (usable under jit and jax.grad).
 
-    image [1, S, S, 3] normalized (N regions of one image) or [N, S, S, 3] (one region per
-    image); coords [N, P, 2] model-input pixels, labels [N, P] (2 / 3 box corners, 1 / 0
-    clicks, -1 padding), valid [N, P] (`pam_jax.sam2.prompts.pad_prompts` builds all three).
-    The conditioning frame's features are the backbone's plus `no_mem_embed`; the decoder runs
-    in single-mask mode (`multimask_output_in_sam: False`) without the stability fallback.
+    image [1, S, S, 3] normalized (N regions of one image), [N, S, S, 3] (one region per
+    image), or [M, S, S, 3] with image_index [N] (region i on image image_index[i]: several
+    images encoded in one batch, each once); coords [N, P, 2] model-input pixels, labels
+    [N, P] (2 / 3 box corners, 1 / 0 clicks, -1 padding), valid [N, P]
+    (`pam_jax.sam2.prompts.pad_prompts` builds all three). The conditioning frame's
+    features are the backbone's plus `no_mem_embed`; the decoder runs in single-mask mode
+    (`multimask_output_in_sam: False`) without the stability fallback.
 
     Mask prompts (rows where is_mask [N]; mask_inputs [N, S, S] binary floats, the mask as
     `add_new_mask` resizes it) follow `_use_mask_as_output`, the path the release's fork
@@ -231,7 +242,9 @@ def image_regions(
     Returns (visual embeddings [N, 1042, H], low-res mask logits [N, 4h, 4w] gated by the
     object score as the video predictor does, object score logits [N]).
     """
-    out = image_region_outputs(sam2, parts, image, coords, labels, valid, mask_inputs, is_mask)
+    out = image_region_outputs(
+        sam2, parts, image, coords, labels, valid, mask_inputs, is_mask, image_index
+    )
     return out.visual, out.low_res_masks, out.object_score_logits
 
 

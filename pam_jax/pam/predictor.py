@@ -34,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pam_jax.llm import sampler
-from pam_jax.llm.sampler import SamplingParams, generate
+from pam_jax.llm.sampler import PendingGeneration, SamplingParams, generate_async
 from pam_jax.pam import assembly, prompts
 from pam_jax.pam.model import PAM, image_regions
 from pam_jax.pam.video import TrackedVideo, mask_box, track_video
 from pam_jax.prepared import merge, prepare
+from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.ops import resize_bilinear
-from pam_jax.sam2.prompts import pad_regions
+from pam_jax.sam2.prompts import PaddedPrompts, pad_regions
 from pam_jax.sam2.video_io import normalize_device, preprocess_frame
 
 
@@ -53,12 +54,51 @@ class RegionResult:
 
 
 @partial(jax.jit, static_argnames=("structure",))
-def _image_step(structure, leaves, image_u8, coords, labels, valid, mask_in, is_mask):
+def _image_step(structure, leaves, images_u8, image_index, coords, labels, valid, mask_in, is_mask):
     # no original size in here: images of every size share this program (an eval over a
-    # dataset of many photo sizes compiles SAM 2 + perceiver once per region / point bucket)
+    # dataset of many photo sizes compiles SAM 2 + perceiver once per image / region / point
+    # bucket); images_u8 [M, S, S, 3], region i on image image_index[i]
     sam2, parts = merge(structure, leaves)
-    image = normalize_device(image_u8)[None]
-    return image_regions(sam2, parts, image, coords, labels, valid, mask_in, is_mask)
+    images = normalize_device(images_u8)
+    index = None if images_u8.shape[0] == 1 else image_index
+    return image_regions(sam2, parts, images, coords, labels, valid, mask_in, is_mask, index)
+
+
+def image_bucket(n: int) -> int:
+    """Images per SAM 2 call: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most a third padding: each
+    padding image is a whole encoder pass)."""
+    k = pow2_bucket(n)
+    return 3 * k // 4 if k >= 4 and n <= 3 * k // 4 else k
+
+
+def _stack_prompts(padded: Sequence[PaddedPrompts], n_rows: int) -> PaddedPrompts:
+    """Several images' padded prompts as one [n_rows, P] set (P the longest; rows past the
+    real ones repeat row 0)."""
+    p_len = max(p.coords.shape[1] for p in padded)
+    size = next((p.mask_inputs.shape[1] for p in padded if p.mask_inputs is not None), None)
+
+    def cat(get, fill, dtype):
+        out = []
+        for p in padded:
+            a = get(p)
+            pad = [(0, 0), (0, p_len - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+            out.append(np.pad(a, pad, constant_values=fill).astype(dtype))
+        a = np.concatenate(out)
+        return np.concatenate([a, np.repeat(a[:1], n_rows - len(a), axis=0)])
+
+    coords = cat(lambda p: p.coords, 0, np.float32)
+    labels = cat(lambda p: p.labels, -1, np.int32)
+    valid = cat(lambda p: p.valid, False, bool)
+    is_mask = np.concatenate([p.is_mask for p in padded])
+    is_mask = np.concatenate([is_mask, np.repeat(is_mask[:1], n_rows - len(is_mask))])
+    mask_inputs = None
+    if size is not None:
+        zeros = lambda p: np.zeros((p.num_prompts, size, size), np.float32)  # noqa: E731
+        m = np.concatenate(
+            [p.mask_inputs if p.mask_inputs is not None else zeros(p) for p in padded]
+        )
+        mask_inputs = np.concatenate([m, np.repeat(m[:1], n_rows - len(m), axis=0)])
+    return PaddedPrompts(coords, labels, valid, mask_inputs, is_mask)
 
 
 @partial(jax.jit, static_argnames=("orig_hw",))
@@ -93,6 +133,33 @@ class LLMInputs:
     visual: jax.Array
     text_before: list[int]
     text_after: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    """An image resized for SAM 2 on the host (`PAMPredictor.prepare_image`: what an eval's
+    loader threads do ahead of the device), with the original height and width."""
+
+    image: np.ndarray  # the original RGB uint8 [H, W, 3]
+    resized: np.ndarray  # uint8 [S, S, 3]
+    hw: tuple[int, int]
+
+
+@dataclasses.dataclass
+class PendingTexts:
+    """A dispatched generation (`PAMPredictor.generate_async`); `result()` waits and decodes."""
+
+    gen: PendingGeneration
+    tokenizer: Any
+    rows: int
+
+    def result(self) -> list[tuple[str, list[int]]]:
+        g = self.gen.result()
+        out = []
+        for i in range(self.rows):
+            ids = [int(t) for t in g.tokens[i, : g.lengths[i]]]
+            out.append((self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
+        return out
 
 
 @dataclasses.dataclass
@@ -149,20 +216,61 @@ class PAMPredictor:
         inp = self._image_inputs(image, regions, task, lang)
         return dataclasses.replace(inp, masks=np.asarray(inp.masks), scores=np.asarray(inp.scores))
 
+    def prepare_image(self, image: Any) -> PreparedImage:
+        """The host-side resize to the model's size (thread-safe: PIL releases the GIL)."""
+        resized, h, w = preprocess_frame(image, self.image_size)
+        return PreparedImage(np.asarray(image), resized, (h, w))
+
     def _image_inputs(self, image, regions, task, lang) -> ImageInputs:
-        """`image_inputs` with masks and scores left on the device (nothing waits for them)."""
+        """`image_inputs` with masks and scores left on the device (nothing waits for them);
+        `image` may be a `PreparedImage`."""
+        return self.images_inputs([image], [regions], task, lang)[0]
+
+    def images_inputs(
+        self,
+        images: Sequence[Any],
+        regions: Sequence[Sequence[Mapping[str, Any]]],
+        task: str = "detailed_caption",
+        lang: str = "en",
+    ) -> list[ImageInputs]:
+        """`image_inputs` for several images in ONE SAM 2 + perceiver call (the images encoded
+        as one batch, each once; `image_bucket` images), left on the device: per image, its
+        LLM inputs, masks [n, H, W] at its size and scores. `images`: arrays, PIL images or
+        `PreparedImage`s; `regions[k]` the region dicts of image k (at least one each). One
+        image runs as many rows as it has regions; several run their regions' count padded
+        to a power of two."""
         prompts.task_prompt(task, lang)  # validates the task and language
         if task in prompts.VIDEO_TASKS or task.startswith("video_cap"):
             raise ValueError(f"{task!r} is a video task; image tasks: {prompts.IMAGE_TASKS}")
-        resized, h, w = preprocess_frame(image, self.image_size)
-        p = pad_regions(regions, (h, w), self.image_size)
+        if len(images) != len(regions) or not images:
+            raise ValueError(f"{len(images)} images for {len(regions)} region lists")
+        prep = [im if isinstance(im, PreparedImage) else self.prepare_image(im) for im in images]
+        padded = [pad_regions(r, im.hw, self.image_size) for im, r in zip(prep, regions)]
+        counts = [p.num_prompts for p in padded]
+        # one image: its rows as given (callers bucket them); several: a power of two
+        n_rows = counts[0] if len(prep) == 1 else pow2_bucket(sum(counts))
+        p = _stack_prompts(padded, n_rows)
+        m = image_bucket(len(prep))
+        stack = np.stack([im.resized for im in prep] + [prep[0].resized] * (m - len(prep)))
+        index = np.repeat(np.arange(len(prep), dtype=np.int32), counts)
+        index = np.concatenate([index, np.zeros(n_rows - len(index), np.int32)])
         is_mask = None if p.mask_inputs is None else p.is_mask
         visual, low, obj = _image_step(
-            self._vision.structure, self._vision.leaves, resized, p.coords, p.labels, p.valid,
-            p.mask_inputs, is_mask,
+            self._vision.structure, self._vision.leaves, stack, index, p.coords, p.labels,
+            p.valid, p.mask_inputs, is_mask,
         )  # fmt: skip
-        masks = masks_at(low, orig_hw=(h, w))
-        return ImageInputs(self.llm_inputs(visual, task, lang, None), masks, obj)
+        llm = self.llm_inputs(visual, task, lang, None)
+        out, start = [], 0
+        for im, c in zip(prep, counts):
+            rows = slice(start, start + c)
+            masks = masks_at(low[rows], orig_hw=im.hw)
+            part = LLMInputs(
+                llm.embeds[rows], llm.lengths[rows], llm.visual[rows], llm.text_before,
+                llm.text_after,
+            )  # fmt: skip
+            out.append(ImageInputs(part, masks, obj[rows]))
+            start += c
+        return out
 
     def describe_image(
         self,
@@ -237,17 +345,20 @@ class PAMPredictor:
     ) -> list[tuple[str, list[int]]]:
         """Batched generation from `LLMInputs` -> N (text, token ids). `on_step(n)` is called
         on the host after each decode step (`pam_jax.llm.sampler.generate`: a progress bar)."""
+        return self.generate_async(inp, rng, on_step=on_step).result()
+
+    def generate_async(
+        self, inp: LLMInputs, rng: int = 0, *, on_step: OnStep | None = None
+    ) -> PendingTexts:
+        """`generate`, dispatched without waiting (a batch eval prepares the next batch while
+        this one runs); `.result()` gives the texts."""
         stops, pad = self._stop_and_pad()
-        gen = generate(
+        gen = generate_async(
             self._llm, inputs_embeds=inp.embeds, prompt_lengths=inp.lengths,
             max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=stops,
             pad_id=pad, rng=rng, buckets=LLM_BUCKETS, on_step=on_step,
         )  # fmt: skip
-        out = []
-        for i in range(inp.embeds.shape[0]):
-            ids = [int(t) for t in gen.tokens[i, : gen.lengths[i]]]
-            out.append((self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
-        return out
+        return PendingTexts(gen, self.tokenizer, int(inp.embeds.shape[0]))
 
     def describe_video(
         self,
