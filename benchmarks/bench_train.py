@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default="full", help="LLM remat policy (none|full|dots|dots_all)")
     ap.add_argument("--scan", action="store_true", help="scan the LLM layers")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--loss-chunk", type=int, default=512, help="cross-entropy chunk positions")
+    ap.add_argument("--loss-chunk", type=int, default=128, help="cross-entropy chunk positions")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument(
         "--peer-cache", metavar="FILE",

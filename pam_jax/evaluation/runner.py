@@ -108,12 +108,6 @@ def load_image(path: str) -> np.ndarray:
         raise ValueError(f"image {path} is not a readable image ({e})") from None
 
 
-def _hw(img: Any) -> tuple[int, int]:
-    from pam_jax.pam.predictor import PreparedImage
-
-    return img.hw if isinstance(img, PreparedImage) else tuple(np.asarray(img).shape[:2])
-
-
 def _region(item: Item, hw: tuple[int, int]) -> dict[str, Any]:
     """The item's region for the predictor, a mask spec decoded at the image size."""
     r = dict(item.region)
@@ -194,7 +188,8 @@ class Runner:
         self._gather = _gather(mesh)
 
     def image_group(self, group: Sequence[Item], images: dict[str, Any]) -> list[dict]:
-        """One batch of image items: SAM 2 per image, one padded generation for all regions.
+        """One batch of image items: SAM 2 + perceiver for all its images in one call, one
+        padded generation for all regions.
         `images`: path -> RGB array, `PreparedImage` or the exception its loading raised."""
         return self.launch_image_group(group, images).finish()
 
@@ -208,6 +203,7 @@ class Runner:
     def _launch_sam2(self, group: Sequence[Item], images: dict[str, Any]):
         """SAM 2 + perceiver for every image of the group in one call, dispatched: (item ->
         (its image's device masks, row), item -> error, [(items, LLMInputs)] per image)."""
+        from pam_jax.pam.predictor import PreparedImage
         from pam_jax.sam2.common import pow2_bucket
         from pam_jax.sam2.prompts import pad_regions
 
@@ -219,10 +215,15 @@ class Runner:
         runnable: list[tuple[Any, list[int], list[dict]]] = []
         for path, idx in by_image.items():
             img = images[path]
+            if not isinstance(img, BaseException | PreparedImage):
+                try:  # a caller's raw array (the loader threads prepare theirs)
+                    img = self.pred.prepare_image(img)
+                except FAILURES as e:
+                    img = e
             if isinstance(img, BaseException):
                 errors.update({i: _error(img) for i in idx})
                 continue
-            hw = _hw(img)
+            hw = img.hw
             ok, regions = [], []
             for i in idx:  # bad prompts are found on the host, region by region
                 try:

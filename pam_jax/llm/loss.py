@@ -33,7 +33,7 @@ import numpy as np
 from pam_jax.sharding import constrain
 
 IGNORE_INDEX = -100  # labels < 0 (HF and the release use -100) are not counted
-CHUNK = 512
+CHUNK = 128
 
 
 def lm_loss_sums(

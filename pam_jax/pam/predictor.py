@@ -138,11 +138,10 @@ class LLMInputs:
 @dataclasses.dataclass(frozen=True)
 class PreparedImage:
     """An image resized for SAM 2 on the host (`PAMPredictor.prepare_image`: what an eval's
-    loader threads do ahead of the device), with the original height and width."""
+    loader threads do ahead of the device) and its original size."""
 
-    image: np.ndarray  # the original RGB uint8 [H, W, 3]
     resized: np.ndarray  # uint8 [S, S, 3]
-    hw: tuple[int, int]
+    hw: tuple[int, int]  # the original height and width
 
 
 @dataclasses.dataclass
@@ -219,7 +218,7 @@ class PAMPredictor:
     def prepare_image(self, image: Any) -> PreparedImage:
         """The host-side resize to the model's size (thread-safe: PIL releases the GIL)."""
         resized, h, w = preprocess_frame(image, self.image_size)
-        return PreparedImage(np.asarray(image), resized, (h, w))
+        return PreparedImage(resized, (h, w))
 
     def _image_inputs(self, image, regions, task, lang) -> ImageInputs:
         """`image_inputs` with masks and scores left on the device (nothing waits for them);

@@ -76,7 +76,9 @@ class TrainConfig:
     remat: str = "none"
     scan_layers: bool = False  # LLM layers under lax.scan (faster compiles at depth)
     attention: str = "auto"  # LLM training attention (pam_jax.llm hidden_states_train)
-    loss_chunk: int = 512  # positions per cross-entropy chunk ([B, chunk, V] float32 logits)
+    # positions per cross-entropy chunk ([B, chunk, V] float32 logits at a time); the head runs
+    # on each row's supervised positions only, in chunks of this many, so smaller wastes less
+    loss_chunk: int = 128
     seg_loss: float = 0.0  # weight of SAM 2's segmentation loss (0 = off)
     # weight of the LM loss in the objective (0: SAM 2 alone on seg_loss, e.g. a first phase;
     # the LM loss is still computed and logged)
