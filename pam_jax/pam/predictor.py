@@ -303,12 +303,14 @@ class PAMPredictor:
         rng: int = 0,
         on_step: OnStep | None = None,
     ) -> list[list[RegionResult]]:
-        """Several (image, regions) items: SAM 2 + perceiver per image (one batched call over
-        its regions), then ONE batched generation over every region of every image."""
-        inps = [self._image_inputs(img, regs, task, lang) if regs else None for img, regs in items]
-        real = [i for i in inps if i is not None]
-        if not real:
+        """Several (image, regions) items: SAM 2 + perceiver for all images in one call
+        (`images_inputs`), then ONE batched generation over every region of every image."""
+        given = [(img, regs) for img, regs in items if regs]
+        if not given:
             return [[] for _ in items]
+        real = self.images_inputs([g[0] for g in given], [g[1] for g in given], task, lang)
+        it = iter(real)
+        inps = [next(it) if regs else None for _, regs in items]
         joined = LLMInputs(
             jnp.concatenate([i.llm.embeds for i in real]),
             np.concatenate([i.llm.lengths for i in real]),
