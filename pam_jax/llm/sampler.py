@@ -520,27 +520,7 @@ class PendingGeneration:
                 _STEP_HOOKS.pop(self.hook_id, None)
 
 
-def generate(
-    model: Any,
-    *,
-    input_ids: Any = None,
-    inputs_embeds: Any = None,
-    prompt_lengths: Sequence[int] | np.ndarray | None = None,
-    max_new_tokens: int = 32,
-    sampling: SamplingParams = SamplingParams(),
-    stop_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    rng: jax.Array | int = 0,
-    buckets: Sequence[int] | None = None,
-    max_cache_length: int | None = None,
-    min_batch: int | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> Generated:
-    """`generate_async(...).result()`: the host arrays `tokens [B, max_new_tokens]`,
-    `lengths [B]` (the arguments are `generate_async`'s)."""
-    return generate_async(
-        model, input_ids=input_ids, inputs_embeds=inputs_embeds,
-        prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
-        stop_ids=stop_ids, pad_id=pad_id, rng=rng, buckets=buckets,
-        max_cache_length=max_cache_length, min_batch=min_batch, on_step=on_step,
-    ).result()  # fmt: skip
+def generate(model: Any, **kwargs: Any) -> Generated:
+    """`generate_async(model, **kwargs).result()`: waits for the host arrays `tokens [B,
+    max_new_tokens]`, `lengths [B]` (the keyword arguments are `generate_async`'s)."""
+    return generate_async(model, **kwargs).result()
