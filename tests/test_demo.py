@@ -261,8 +261,9 @@ def test_quick_demo_learns(tmp_path):
     region; the default demo's captions name the position every time, the colour 6 in 10),
     so its exact-match gain is what the answer templates and the commonest category give: the
     threshold 0.04 (3 answers) keeps 4 answers of margin and still fails a model whose answers
-    are not in the template. Marked heavy: the quick demo took 8.9 minutes wall on the shared
-    2-core machine under a load of 6-8 (compiles dominate)."""
+    are not in the template. Marked heavy: this test took 5.3 minutes on the shared 2-core
+    machine (load 2-4; the quick demo alone 8.9 minutes under a load of 6-8); compiles
+    dominate."""
     from pam_jax import demo
 
     s = demo.DemoSettings.make(quick=True, steps=None, seed=0)
