@@ -216,7 +216,7 @@ class PAMPredictor:
         return dataclasses.replace(inp, masks=np.asarray(inp.masks), scores=np.asarray(inp.scores))
 
     def prepare_image(self, image: Any) -> PreparedImage:
-        """The host-side resize to the model's size (thread-safe: PIL releases the GIL)."""
+        """The host-side resize to the model's size (safe on loader threads)."""
         resized, h, w = preprocess_frame(image, self.image_size)
         return PreparedImage(resized, (h, w))
 
@@ -259,6 +259,8 @@ class PAMPredictor:
             p.valid, p.mask_inputs, is_mask,
         )  # fmt: skip
         llm = self.llm_inputs(visual, task, lang, None)
+        if len(prep) == 1:  # the whole arrays: no slicing on the single-image hot path
+            return [ImageInputs(llm, masks_at(low, orig_hw=prep[0].hw), obj)]
         out, start = [], 0
         for im, c in zip(prep, counts):
             rows = slice(start, start + c)
