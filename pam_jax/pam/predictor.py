@@ -41,7 +41,7 @@ from pam_jax.pam.video import TrackedVideo, mask_box, track_video
 from pam_jax.prepared import merge, prepare
 from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.ops import resize_bilinear
-from pam_jax.sam2.prompts import PaddedPrompts, pad_regions
+from pam_jax.sam2.prompts import PromptError, pad_prompts, prompt_from_region, to_model
 from pam_jax.sam2.video_io import normalize_device, preprocess_frame
 
 
@@ -69,36 +69,6 @@ def image_bucket(n: int) -> int:
     padding image is a whole encoder pass)."""
     k = pow2_bucket(n)
     return 3 * k // 4 if k >= 4 and n <= 3 * k // 4 else k
-
-
-def _stack_prompts(padded: Sequence[PaddedPrompts], n_rows: int) -> PaddedPrompts:
-    """Several images' padded prompts as one [n_rows, P] set (P the longest; rows past the
-    real ones repeat row 0)."""
-    p_len = max(p.coords.shape[1] for p in padded)
-    size = next((p.mask_inputs.shape[1] for p in padded if p.mask_inputs is not None), None)
-
-    def cat(get, fill, dtype):
-        out = []
-        for p in padded:
-            a = get(p)
-            pad = [(0, 0), (0, p_len - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
-            out.append(np.pad(a, pad, constant_values=fill).astype(dtype))
-        a = np.concatenate(out)
-        return np.concatenate([a, np.repeat(a[:1], n_rows - len(a), axis=0)])
-
-    coords = cat(lambda p: p.coords, 0, np.float32)
-    labels = cat(lambda p: p.labels, -1, np.int32)
-    valid = cat(lambda p: p.valid, False, bool)
-    is_mask = np.concatenate([p.is_mask for p in padded])
-    is_mask = np.concatenate([is_mask, np.repeat(is_mask[:1], n_rows - len(is_mask))])
-    mask_inputs = None
-    if size is not None:
-        zeros = lambda p: np.zeros((p.num_prompts, size, size), np.float32)  # noqa: E731
-        m = np.concatenate(
-            [p.mask_inputs if p.mask_inputs is not None else zeros(p) for p in padded]
-        )
-        mask_inputs = np.concatenate([m, np.repeat(m[:1], n_rows - len(m), axis=0)])
-    return PaddedPrompts(coords, labels, valid, mask_inputs, is_mask)
 
 
 @partial(jax.jit, static_argnames=("orig_hw",))
@@ -244,11 +214,18 @@ class PAMPredictor:
         if len(images) != len(regions) or not images:
             raise ValueError(f"{len(images)} images for {len(regions)} region lists")
         prep = [im if isinstance(im, PreparedImage) else self.prepare_image(im) for im in images]
-        padded = [pad_regions(r, im.hw, self.image_size) for im, r in zip(prep, regions)]
-        counts = [p.num_prompts for p in padded]
+        rows = []  # every image's prompts in model pixels, then padded together
+        for im, regs in zip(prep, regions):
+            if not regs:
+                raise PromptError("no regions: give at least one box, points or mask")
+            rows += [
+                to_model(prompt_from_region(r, image_hw=im.hw, index=i), im.hw, self.image_size)
+                for i, r in enumerate(regs)
+            ]
+        counts = [len(r) for r in regions]
         # one image: its rows as given (callers bucket them); several: a power of two
         n_rows = counts[0] if len(prep) == 1 else pow2_bucket(sum(counts))
-        p = _stack_prompts(padded, n_rows)
+        p = pad_prompts(rows + [rows[0]] * (n_rows - len(rows)))
         m = image_bucket(len(prep))
         stack = np.stack([im.resized for im in prep] + [prep[0].resized] * (m - len(prep)))
         index = np.repeat(np.arange(len(prep), dtype=np.int32), counts)
