@@ -7,8 +7,9 @@ Items / s of a recognition eval (8 new tokens) and a detailed-caption eval (128 
 `--regions` (1000) box regions on `--images` (250) JPEG files (random pixels, 1024x768), random
 weights, stop tokens off (every region generates exactly N tokens), through
 `pam_jax.evaluation.runner` as `pam-jax eval` runs it: images decoded ahead on host threads,
-regions of several images per batch (`--batch-size`, 32), SAM 2 + perceiver per image, one
-generation per batch, predictions appended to predictions.jsonl. A warm-up pass over the first
+regions of several images per batch (`--batch-size`, 32), SAM 2 + perceiver once per batch, one
+generation per batch (dispatched from the runner's generation thread; `--ab-dispatch` also times
+it dispatched from the main thread), predictions appended to predictions.jsonl. A warm-up pass over the first
 and the last batch compiles every program first (the timed pass reuses them).
 
 The release's way (no batch eval code exists; its notebooks call `model.generate` once per
@@ -83,13 +84,27 @@ def check_deps(peer: bool) -> None:
         )
 
 
-def bench_runner(model, tok, items, args, new: int, work: Path) -> dict:
-    tag = f"{items[0].task}_{new}"
+class _Inline:
+    """An executor that runs what is submitted at once, on the caller's thread: the runner's
+    generations dispatched from the main thread, as before it had a thread for them (A/B)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+def bench_runner(model, tok, items, args, new: int, work: Path, inline: bool = False) -> dict:
+    tag = f"{items[0].task}_{new}" + ("_inline" if inline else "")
     from pam_jax.evaluation.runner import Runner, run_predictions
     from pam_jax.pam.predictor import PAMPredictor
 
     pred = PAMPredictor(model, tok, max_new_tokens=new)
     runner = Runner(pred, batch_size=args.batch_size)
+    if inline:
+        runner._dispatch = _Inline()
     # warm-up: the first and the last batch (a partial last batch has its own image and region
     # buckets), so the timed pass compiles nothing
     tail = len(items) % args.batch_size or args.batch_size
@@ -119,7 +134,7 @@ def bench_phases(model, tok, items, args, new: int) -> dict:
     runner = Runner(pred, batch_size=args.batch_size)
     groups = _batches(sorted(items, key=lambda it: it.media[0]), args.batch_size)
     groups = groups[: args.phases + 1]
-    acc = {"load_s": 0.0, "sam2_s": 0.0, "llm_s": 0.0, "finish_s": 0.0}
+    acc = {"load_s": 0.0, "sam2_s": 0.0, "llm_s": 0.0, "finish_s": 0.0, "llm_dispatch_s": 0.0}
     for k, g in enumerate(groups):  # group 0 warms up
         t0 = time.perf_counter()
         imgs = {p: pred.prepare_image(load_image(p)) for p in sorted({it.media[0] for it in g})}
@@ -128,12 +143,14 @@ def bench_phases(model, tok, items, args, new: int) -> dict:
         jax.block_until_ready([m for m, _ in masks.values()] + [p[1].embeds for p in parts])
         t2 = time.perf_counter()
         texts, rows = runner._launch_llm(g[0].task, parts)
-        texts.gen.tokens.block_until_ready()
+        pending = texts.future.result()  # the generation thread's dispatch has returned
+        td = time.perf_counter()
+        pending.gen.tokens.block_until_ready()
         t3 = time.perf_counter()
         PendingGroup(list(g), masks, errors, texts, rows).finish()
         t4 = time.perf_counter()
         if k:
-            for key, dt in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for key, dt in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, td - t2)):
                 acc[key] += dt / (len(groups) - 1)
     out = {key: round(v, 4) for key, v in acc.items()}
     out["regions_per_group"] = args.batch_size
@@ -162,6 +179,9 @@ def main(argv=None) -> int:
                     help="time each stage of this many groups, synchronised (0: skip)")  # fmt: skip
     ap.add_argument("--tasks", default="recognize,detailed-caption",
                     help="which evals to run (default both)")  # fmt: skip
+    ap.add_argument("--ab-dispatch", action="store_true",
+                    help="also time each eval with its generations dispatched from the main "
+                         "thread (the runner before its generation thread)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -217,6 +237,11 @@ def main(argv=None) -> int:
         for task, new in evals:
             items = _items(work / "img", args.images, args.regions, task)
             r = bench_runner(model, tok, items, args, new, work)
+            if args.ab_dispatch:
+                r["inline_dispatch"] = bench_runner(model, tok, items, args, new, work, True)
+                say(f"pam-jax eval, {task}, generations dispatched from the main thread: "
+                    f"{r['inline_dispatch']['items_per_s']:.1f} items/s; from the generation "
+                    f"thread: {r['items_per_s']:.1f}")  # fmt: skip
             if args.phases:
                 r["phases"] = bench_phases(model, tok, items, args, new)
             res[f"jax_{task}"] = r

@@ -2,12 +2,15 @@
 re-exported here) drives it and appends its lines to `predictions.jsonl`.
 
 Image items are batched across images: each batch holds up to `batch_size` regions from
-several images; SAM 2 + perceiver run per image (all its regions in one call, the region count
-padded to a power of two so one program serves every image with that bucket, prompt lengths
-bucketed by the predictor), then ONE generation over the batch, its rows padded to
-`batch_size` (one compiled decoding program for the whole run). Images are decoded ahead on
-host threads. Video items run one SAM 2 tracking pass each; streamed videos run their events in
-order, each prompted by its own box and carrying the previous event's prediction as history.
+several images; SAM 2 + perceiver run once for all of them (the images encoded as one batch,
+each region reading its image's maps; image and region counts bucketed, prompt lengths bucketed
+by the predictor), then ONE generation over the batch, its rows padded to `batch_size` (one
+compiled decoding program for the whole run). One batch is in flight: while the device runs
+batch k + 1, the host copies batch k's masks, RLE-encodes them and writes its lines; images are
+decoded and resized ahead on loader threads, and generations are dispatched from a thread of
+their own (see `Runner.__init__`). Video items run one SAM 2 tracking pass each; streamed
+videos run their events in order, each prompted by its own box and carrying the previous
+event's prediction as history.
 
 Data parallel: with a `mesh` (`local_mesh()`: every local device on the `data` axis; the model
 placed on it, replicated) each batch's generation rows, padded to a multiple of the device
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +189,11 @@ class Runner:
         n = 1 if mesh is None else int(mesh.shape["data"])
         self.rows = -(-batch_size // n) * n  # generation rows: a multiple of the data axis
         self._gather = _gather(mesh)
+        # generations are dispatched from their own thread: on GPU a jitted `while_loop` with
+        # a data-dependent stop reads its predicate back every step, so the dispatching thread
+        # blocks until the decode loop has (nearly) run; from the main thread that would hold
+        # the host work of the previous batch (masks, RLE, lines) off the device's idle time
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-jax-generate")
 
     def image_group(self, group: Sequence[Item], images: dict[str, Any]) -> list[dict]:
         """One batch of image items: SAM 2 + perceiver for all its images in one call, one
@@ -251,28 +259,30 @@ class Runner:
         return masks, errors, parts
 
     def _launch_llm(self, task: str, parts: list[tuple[list[int], Any]]):
-        """One padded generation over every region of the group, dispatched: (PendingTexts or
-        None, the item index of each generation row)."""
+        """One padded generation over every region of the group, dispatched on the generation
+        thread: (`DispatchedTexts` or None, the item index of each generation row)."""
+        if task == "segment" or not parts:
+            return None, []
+        rows = [i for idx, _ in parts for i in idx]
+        return DispatchedTexts(self._dispatch.submit(self._generate, parts)), rows
+
+    def _generate(self, parts: list[tuple[list[int], Any]]) -> Any:
+        """(generation thread) gather the group's rows and dispatch their generation."""
+        import jax.numpy as jnp
+
         from pam_jax.pam.predictor import LLMInputs
 
-        texts = None
-        rows: list[int] = []
-        if task != "segment" and parts:
-            rows = [i for idx, _ in parts for i in idx]
-            # fixed batch (self.rows): one decoding program; padding rows repeat row 0 and
-            # are dropped in finish()
-            take = [(j, k) for j, (idx, _) in enumerate(parts) for k in range(len(idx))]
-            take += [take[0]] * (self.rows - len(take))
-            import jax.numpy as jnp
-
-            flat = jnp.concatenate([llm.embeds for _, llm in parts])
-            offsets = np.cumsum([0] + [llm.embeds.shape[0] for _, llm in parts])
-            emb = self._gather(flat, np.asarray([offsets[j] + k for j, k in take], np.int32))
-            lengths = np.asarray([parts[j][1].lengths[k] for j, k in take])
-            first = parts[0][1]
-            joined = LLMInputs(emb, lengths, emb[:, :0], first.text_before, first.text_after)
-            texts = self.pred.generate_async(joined, self.seed)
-        return texts, rows
+        # fixed batch (self.rows): one decoding program; padding rows repeat row 0 and are
+        # dropped in finish()
+        take = [(j, k) for j, (idx, _) in enumerate(parts) for k in range(len(idx))]
+        take += [take[0]] * (self.rows - len(take))
+        flat = jnp.concatenate([llm.embeds for _, llm in parts])
+        offsets = np.cumsum([0] + [llm.embeds.shape[0] for _, llm in parts])
+        emb = self._gather(flat, np.asarray([offsets[j] + k for j, k in take], np.int32))
+        lengths = np.asarray([parts[j][1].lengths[k] for j, k in take])
+        first = parts[0][1]
+        joined = LLMInputs(emb, lengths, emb[:, :0], first.text_before, first.text_after)
+        return self.pred.generate_async(joined, self.seed)
 
     def video_item(self, it: Item) -> list[dict]:
         try:
@@ -335,13 +345,24 @@ class Runner:
 
 
 @dataclasses.dataclass
+class DispatchedTexts:
+    """A generation submitted to the runner's generation thread; `result()` waits for the
+    dispatch (re-raising what it raised), then for the texts."""
+
+    future: Future
+
+    def result(self) -> list[tuple[str, list[int]]]:
+        return self.future.result().result()
+
+
+@dataclasses.dataclass
 class PendingGroup:
     """A launched image group (`Runner.launch_image_group`); `finish()` makes its lines."""
 
     group: list[Item]
     masks: dict[int, tuple[Any, int]]
     errors: dict[int, str]
-    texts: Any  # PendingTexts, or None (segmentation, or no runnable item)
+    texts: Any  # DispatchedTexts, or None (segmentation, or no runnable item)
     rows: list[int]  # the generation's rows: item indices in order
 
     def finish(self) -> list[dict]:
