@@ -143,6 +143,28 @@ def bench_jax(cfg, args) -> dict:
             1e3 * (out[f"{name}_generate_s"] - out[f"{name}_prefill_s"]) / (args.new - 1)
         )
     out["regions_per_s"] = args.regions / out["batch_s"]
+    if args.prefill_ab:  # the same calls with the prefill on the default GEMM backends
+        before = os.environ.get("PAM_JAX_PREFILL_CUBLAS")
+        os.environ["PAM_JAX_PREFILL_CUBLAS"] = "0"
+        ab = {}
+        for name, regs in (("item", one), ("batch", regions)):
+            full(regs)  # compile
+            ab[f"{name}_s"] = _median(lambda r=regs: full(r), args.reps)
+            llm_in = pred.image_inputs(image, regs, "recognize").llm
+            pred.max_new_tokens = 1
+            pred.generate(llm_in)
+            ab[f"{name}_prefill_s"] = _median(lambda x=llm_in: pred.generate(x), args.reps)
+            pred.max_new_tokens = args.new
+        out["prefill_default_gemms"] = ab
+        if before is None:
+            os.environ.pop("PAM_JAX_PREFILL_CUBLAS")
+        else:
+            os.environ["PAM_JAX_PREFILL_CUBLAS"] = before
+        print(f"prefill on the default GEMM backends (A/B): item {ab['item_s']:.3f} s (prefill "
+              f"{ab['item_prefill_s']:.3f}), {args.regions} regions {ab['batch_s']:.3f} s "
+              f"(prefill {ab['batch_prefill_s']:.3f}); cuBLAS prefill: item {out['item_s']:.3f} "
+              f"s ({out['item_prefill_s']:.3f}), batch {out['batch_s']:.3f} s "
+              f"({out['batch_prefill_s']:.3f})", flush=True)  # fmt: skip
     pred = model = llm = sam2 = parts = None  # free the weights before the peer
     gc.collect()
     jax.clear_caches()
@@ -245,6 +267,9 @@ def main(argv=None) -> int:
     )  # fmt: skip
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--prefill-ab", action="store_true",
+                    help="also time the calls with the prefill on XLA's default GEMM backends "
+                         "($PAM_JAX_PREFILL_CUBLAS=0)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"

@@ -1,4 +1,4 @@
-"""Batched generation under one `jax.jit`: prefill + a `jax.lax.while_loop` decode.
+"""Batched generation: a jitted prefill, then a jitted `jax.lax.while_loop` decode.
 
 Inputs are **right-padded** (row b holds its prompt in `[:prompt_lengths[b]]`), given as token
 ids or as input embeddings (PAM puts visual embeddings into the sequence). Inside, the prompt
@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -341,38 +342,20 @@ def _grow_rows(s: LoopState, b: int, scan_layers: bool) -> LoopState:
     )
 
 
-# ---- the jitted program -----------------------------------------------------------------
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "structure",
-        "max_new_tokens",
-        "cache_length",
-        "mode",
-        "from_ids",
-        "decode_batch",
-        "report_steps",
-    ),
-)
-def _generate(
-    structure,
-    leaves,
-    prompt,
-    lengths,
-    seen,
-    stop_ids,
-    rng,
-    values,
-    pad_id,
-    hook_id,
-    *,
-    max_new_tokens: int,
-    cache_length: int,
-    mode: SamplingMode,
-    from_ids: bool,
-    decode_batch: int,
-    report_steps: bool = False,
-):
+# ---- the two jitted programs: prefill, then the decode loop --------------------------------
+# Two programs, each compiled with the GEMM backend it wants on GPU (benchmarks/README.md, the
+# 32-region call at PAM-3B shapes): the prefill's large GEMMs run faster on cuBLAS alone (329
+# vs 347 ms), the decode loop's skinny ones on XLA's Triton GEMMs (3.75 vs 6.38 ms/step). The
+# prefill's state (KV cache included) is donated to the loop. $PAM_JAX_PREFILL_CUBLAS=0 keeps
+# the default backends for the prefill too.
+PREFILL_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def _prefill(
+    structure, leaves, prompt, lengths, seen, stop_ids, rng, values, pad_id, hook_id, *,
+    max_new_tokens: int, cache_length: int, mode: SamplingMode, from_ids: bool,
+    decode_batch: int, report_steps: bool = False,
+):  # fmt: skip
     b0, t = prompt.shape[:2]
     TRACES[(t, b0, max_new_tokens)] += 1  # runs only while tracing
     model = merge(structure, leaves)
@@ -387,18 +370,72 @@ def _generate(
     if b > b0:  # decode with copies of row 0 (prefill ran on the real rows only)
         state0 = _grow_rows(state0, b, model.cfg.scan_layers)
         lengths = jnp.concatenate([lengths, jnp.repeat(lengths[:1], b - b0)])
+    return state0, lengths
+
+
+_PREFILL_STATIC = (
+    "structure", "max_new_tokens", "cache_length", "mode", "from_ids", "decode_batch",
+    "report_steps",
+)  # fmt: skip
+
+
+@functools.cache
+def _prefill_program(cublas: bool) -> Callable:
+    options = PREFILL_GPU_OPTIONS if cublas else None
+    return jax.jit(_prefill, static_argnames=_PREFILL_STATIC, compiler_options=options)
+
+
+def prefill_program() -> Callable:
+    """The jitted prefill for the default backend (GPU: cuBLAS GEMMs unless
+    $PAM_JAX_PREFILL_CUBLAS=0)."""
+    gpu = jax.default_backend() == "gpu"
+    return _prefill_program(gpu and os.environ.get("PAM_JAX_PREFILL_CUBLAS", "1") != "0")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("structure", "prompt_len", "mode", "report_steps", "rows"),
+    donate_argnames=("state0",),
+)
+def _decode(
+    structure, leaves, state0: LoopState, lengths, stop_ids, values, pad_id, hook_id, *,
+    prompt_len: int, mode: SamplingMode, rows: int, report_steps: bool = False,
+):  # fmt: skip
+    model = merge(structure, leaves)
+    max_new_tokens = state0.tokens.shape[1]
 
     def cond(s: LoopState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: LoopState) -> LoopState:
-        s = decode_step(model, s, lengths, t, stop_ids, values, pad_id, mode)
+        s = decode_step(model, s, lengths, prompt_len, stop_ids, values, pad_id, mode)
         if report_steps:  # static: no callback in the loop unless asked
             jax.debug.callback(_on_step, hook_id, s.step, ordered=False)
         return s
 
     out = jax.lax.while_loop(cond, body, state0)
-    return out.tokens[:b0], out.lengths[:b0]
+    # the whole final state is returned so that every donated buffer aliases an output (the
+    # loop then runs in the prefill's cache, no copy); callers keep the two slices
+    return out, out.tokens[:rows], out.lengths[:rows]
+
+
+def _generate(
+    structure, leaves, prompt, lengths, seen, stop_ids, rng, values, pad_id, hook_id, *,
+    max_new_tokens: int, cache_length: int, mode: SamplingMode, from_ids: bool,
+    decode_batch: int, report_steps: bool = False,
+):  # fmt: skip
+    """Dispatch the prefill program, then the decode loop on its donated state:
+    (tokens [B, max_new_tokens], lengths [B]) as device arrays."""
+    state0, dec_lengths = prefill_program()(
+        structure, leaves, prompt, lengths, seen, stop_ids, rng, values, pad_id, hook_id,
+        max_new_tokens=max_new_tokens, cache_length=cache_length, mode=mode,
+        from_ids=from_ids, decode_batch=decode_batch, report_steps=report_steps,
+    )  # fmt: skip
+    _, tokens, out_lengths = _decode(
+        structure, leaves, state0, dec_lengths, stop_ids, values, pad_id, hook_id,
+        prompt_len=prompt.shape[1], mode=mode, rows=prompt.shape[0], report_steps=report_steps,
+    )  # fmt: skip
+    return tokens, out_lengths
 
 
 def generate_async(

@@ -50,7 +50,17 @@ def test_no_callback_compiled_without_on_step(model):
     )  # fmt: skip
     kw = dict(max_new_tokens=4, cache_length=24, mode=SamplingParams().mode, from_ids=True,
               decode_batch=1)  # fmt: skip
-    off = sampler._generate.lower(*args, **kw).as_text()
-    on = sampler._generate.lower(*args, **kw, report_steps=True).as_text()
+    prefill = sampler.prefill_program()
+    off = prefill.lower(*args, **kw).as_text()
+    on = prefill.lower(*args, **kw, report_steps=True).as_text()
+    assert "callback" not in off.lower()
+    assert "callback" in on.lower()
+    # the decode loop, lowered on the prefill's state
+    model_args, rest = args[:2], args[2:]
+    state0, lengths = prefill(*args, **kw)
+    dkw = dict(prompt_len=16, mode=kw["mode"], rows=1)
+    dargs = (*model_args, state0, lengths, rest[3], rest[5], rest[6], rest[7])
+    off = sampler._decode.lower(*dargs, **dkw).as_text()
+    on = sampler._decode.lower(*dargs, **dkw, report_steps=True).as_text()
     assert "callback" not in off.lower()
     assert "callback" in on.lower()
