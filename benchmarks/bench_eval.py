@@ -9,8 +9,9 @@ weights, stop tokens off (every region generates exactly N tokens), through
 `pam_jax.evaluation.runner` as `pam-jax eval` runs it: images decoded ahead on host threads,
 regions of several images per batch (`--batch-size`, 32), SAM 2 + perceiver once per batch, one
 generation per batch (dispatched from the runner's generation thread; `--ab-dispatch` also times
-it dispatched from the main thread), predictions appended to predictions.jsonl. A warm-up pass over the first
-and the last batch compiles every program first (the timed pass reuses them).
+it dispatched from the main thread), predictions appended to predictions.jsonl. A warm-up
+pass over the first and the last batch compiles every program first (the timed pass reuses
+them).
 
 The release's way (no batch eval code exists; its notebooks call `model.generate` once per
 region): `bench_pam.py`'s PyTorch peer (official SAM 2 `set_image` + `predict(box)` + HF
@@ -84,18 +85,6 @@ def check_deps(peer: bool) -> None:
         )
 
 
-class _Inline:
-    """An executor that runs what is submitted at once, on the caller's thread: the runner's
-    generations dispatched from the main thread, as before it had a thread for them (A/B)."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        f: Future = Future()
-        f.set_result(fn(*args))
-        return f
-
-
 def bench_runner(model, tok, items, args, new: int, work: Path, inline: bool = False) -> dict:
     tag = f"{items[0].task}_{new}" + ("_inline" if inline else "")
     from pam_jax.evaluation.runner import Runner, run_predictions
@@ -104,6 +93,8 @@ def bench_runner(model, tok, items, args, new: int, work: Path, inline: bool = F
     pred = PAMPredictor(model, tok, max_new_tokens=new)
     runner = Runner(pred, batch_size=args.batch_size)
     if inline:
+        from pam_jax.evaluation.runner import _Inline
+
         runner._dispatch = _Inline()
     # warm-up: the first and the last batch (a partial last batch has its own image and region
     # buckets), so the timed pass compiles nothing

@@ -192,8 +192,15 @@ class Runner:
         # generations are dispatched from their own thread: on GPU a jitted `while_loop` with
         # a data-dependent stop reads its predicate back every step, so the dispatching thread
         # blocks until the decode loop has (nearly) run; from the main thread that would hold
-        # the host work of the previous batch (masks, RLE, lines) off the device's idle time
-        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-jax-generate")
+        # the host work of the previous batch (masks, RLE, lines) off the device's idle time.
+        # Only where the main thread's programs hold no collectives (see `_thread_safe`):
+        # otherwise two threads could launch collective programs in different orders on
+        # different devices or processes, and deadlock.
+        self._dispatch: Any = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-jax-generate")
+            if _thread_safe(predictor)
+            else _Inline()
+        )
 
     def image_group(self, group: Sequence[Item], images: dict[str, Any]) -> list[dict]:
         """One batch of image items: SAM 2 + perceiver for all its images in one call, one
@@ -384,6 +391,33 @@ class PendingGroup:
                 {"id": it.id, "pred": texts.get(i, ""), "mask_rle": encode_mask(host[key][j])}
             )
         return out
+
+
+class _Inline:
+    """An executor running each submitted call at once on the caller's thread."""
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:  # re-raised by result(), as a thread's would be
+            f.set_exception(e)
+        return f
+
+
+def _thread_safe(predictor: Any) -> bool:
+    """Whether generations may be dispatched from a second thread: one process, and SAM 2,
+    the parts and the LLM replicated (or on one device), so that the only programs with
+    collectives are the generations (data-parallel rows), all launched in order from that one
+    thread. A model sharded over devices or processes (the trainer's live state) keeps every
+    dispatch on the calling thread."""
+    import jax
+
+    if jax.process_count() > 1:
+        return False
+    parts = [getattr(predictor, name, None) for name in ("_vision", "_llm")]
+    leaves = [x for part in parts if part is not None for x in part.leaves]
+    return all(getattr(getattr(x, "sharding", None), "is_fully_replicated", True) for x in leaves)
 
 
 def _take_rows(flat: Any, index: Any) -> Any:

@@ -259,3 +259,32 @@ def test_photo_sizes_share_the_sam2_and_perceiver_program(tiny_pam):
         )
     assert counts[0][0] == counts[-1][0], counts  # no new SAM 2 + perceiver program
     assert counts[-1][1] >= counts[0][1] + 2, counts  # the upsample compiled per size
+
+
+def test_generation_thread_only_without_collectives_elsewhere(tiny_pam, monkeypatch):
+    """Generations get their own dispatch thread only when nothing else the runner launches
+    can hold collectives; a sharded model or several processes keep every launch in one
+    thread's order (two threads could interleave collective programs differently per device)."""
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+
+    from pam_jax.evaluation import runner as runner_mod
+
+    model, tok = tiny_pam
+    pred = PAMPredictor(model, tok, max_new_tokens=NEW)
+    assert isinstance(Runner(pred, batch_size=2)._dispatch, ThreadPoolExecutor)
+
+    sharded = types.SimpleNamespace(sharding=types.SimpleNamespace(is_fully_replicated=False))
+    fake = types.SimpleNamespace(
+        _vision=types.SimpleNamespace(leaves=[sharded]), _llm=types.SimpleNamespace(leaves=[])
+    )
+    assert not runner_mod._thread_safe(fake)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    r = Runner(pred, batch_size=2)
+    assert isinstance(r._dispatch, runner_mod._Inline)
+    # the inline executor re-raises what the call raised, from result(), like a thread would
+    fut = r._dispatch.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fut.result()
