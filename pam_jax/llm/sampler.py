@@ -344,10 +344,11 @@ def _grow_rows(s: LoopState, b: int, scan_layers: bool) -> LoopState:
 
 # ---- the two jitted programs: prefill, then the decode loop --------------------------------
 # Two programs, each compiled with the GEMM backend it wants on GPU (benchmarks/README.md, the
-# 32-region call at PAM-3B shapes): the prefill's large GEMMs run faster on cuBLAS alone (329
-# vs 347 ms), the decode loop's skinny ones on XLA's Triton GEMMs (3.75 vs 6.38 ms/step). The
-# prefill's state (KV cache included) is donated to the loop. $PAM_JAX_PREFILL_CUBLAS=0 keeps
-# the default backends for the prefill too.
+# 32-region call at PAM-3B shapes): the prefill's large GEMMs run faster on cuBLAS alone (A/B
+# on the H200: prefill 323 vs 329 ms, the call 0.740 vs 0.753 s), the decode loop's skinny ones
+# on XLA's Triton GEMMs (cuBLAS alone: 6.38 vs 3.75 ms/step). The prefill's state (KV cache
+# included) is donated to the loop. $PAM_JAX_PREFILL_CUBLAS=0 keeps the default backends for
+# the prefill too.
 PREFILL_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
