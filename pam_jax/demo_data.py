@@ -35,10 +35,13 @@ import numpy as np
 
 from pam_jax.pam import prompts as _prompts
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
+# coarse silhouettes: the perceiver reads SAM 2's stride-16 map (8 x 8 cells at 128^2), where a
+# shape is 2-4 cells across; polygons that differ only in their corners (hexagon / circle,
+# diamond / square) are not separable there, these are (a hole, arms, an elongation, a point)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "bar")
 SHAPES_ZH = {
     "circle": "圆形", "square": "正方形", "triangle": "三角形",
-    "star": "星形", "diamond": "菱形", "hexagon": "六边形",
+    "cross": "十字形", "ring": "圆环", "bar": "长条",
 }  # fmt: skip
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -60,6 +63,9 @@ POSITIONS: tuple[str, ...] = (
 )  # fmt: skip
 POSITIONS_ZH = ("左上方", "上方", "右上方", "左侧", "中间", "右侧", "左下方", "下方", "右下方")
 SIZES = ("small", "large")
+# circumradius as a fraction of a grid cell (3 x 3 grid: 42.7 px at 128^2), and the jitters
+SIZE_RADIUS = {"small": 0.30, "large": 0.45}
+ROTATION = 0.15  # radians, +-
 SIZES_ZH = {"small": "小", "large": "大"}
 TEXTURES = ("noisy", "striped", "checkered", "shaded")
 TEXTURES_ZH = {"noisy": "有噪点", "striped": "条纹", "checkered": "格子", "shaded": "渐变"}
@@ -122,25 +128,41 @@ def answer(region: Region, task: str, lang: str) -> str:
 # ---- drawing --------------------------------------------------------------------------------
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
-    """Vertices of a shape of circumradius r centred at (cx, cy), rotated by `rot` radians."""
-    if shape == "circle":
-        n, radii = 48, [r]
-    elif shape == "square":
-        n, radii, rot = 4, [r], rot + np.pi / 4
-    elif shape == "triangle":
-        n, radii, rot = 3, [r * 1.1], rot - np.pi / 2
-    elif shape == "star":
-        n, radii, rot = 10, [r * 1.15, r * 0.5], rot - np.pi / 2
-    elif shape == "diamond":
-        return [(cx, cy - r * 1.1), (cx + r * 0.7, cy), (cx, cy + r * 1.1), (cx - r * 0.7, cy)]
-    elif shape == "hexagon":
-        n, radii = 6, [r]
+def _outline(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    """Vertices of a shape of circumradius ~r centred at (cx, cy), rotated by `rot` radians (a
+    ring's outer circle; `_shape_mask` cuts its hole)."""
+    if shape in ("circle", "ring"):
+        ang = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        pts = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+    elif shape == "square":  # axis-aligned at rot 0, side r * sqrt(2)
+        a = r / np.sqrt(2)
+        pts = np.array([(-a, -a), (a, -a), (a, a), (-a, a)])
+    elif shape == "triangle":  # pointing up
+        ang = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3
+        pts = 1.1 * r * np.stack([np.cos(ang), np.sin(ang)], 1)
+    elif shape == "cross":  # a plus: arms of half-width 0.36 r
+        w = 0.36 * r
+        pts = np.array([(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+                        (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)])  # fmt: skip
+    elif shape == "bar":  # horizontal, 2.3 r x 0.8 r
+        pts = np.array([(-1.15 * r, -0.4 * r), (1.15 * r, -0.4 * r),
+                        (1.15 * r, 0.4 * r), (-1.15 * r, 0.4 * r)])  # fmt: skip
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    ang = rot + 2 * np.pi * np.arange(n) / n
-    rad = np.resize(np.asarray(radii, np.float64), n)
-    return [(float(cx + a * np.cos(t)), float(cy + a * np.sin(t))) for a, t in zip(rad, ang)]
+    c, s = np.cos(rot), np.sin(rot)
+    return [(float(cx + c * x - s * y), float(cy + s * x + c * y)) for x, y in pts]
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float, h: int, w: int):
+    """bool [h, w]: the filled shape (a ring: the disc minus a concentric one of radius r / 2)."""
+    from PIL import Image, ImageDraw
+
+    m = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(m)
+    d.polygon(_outline(shape, cx, cy, r, rot), fill=255)
+    if shape == "ring":
+        d.polygon(_outline("circle", cx, cy, 0.5 * r, 0.0), fill=0)
+    return np.asarray(m) > 127
 
 
 def _background(rng: np.random.Generator, h: int, w: int, texture: str) -> np.ndarray:
@@ -170,8 +192,6 @@ def draw_image(
     rng: np.random.Generator, h: int = 128, w: int = 128, max_shapes: int = 2
 ) -> tuple[np.ndarray, list[Region]]:
     """One synthetic image (uint8 [H, W, 3]) and its regions, in drawing order."""
-    from PIL import Image, ImageDraw
-
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
     img = _background(rng, h, w, texture)
     n = int(rng.integers(1, max_shapes + 1))
@@ -182,13 +202,11 @@ def draw_image(
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         size = SIZES[int(rng.integers(2))]
-        r = min(ch, cw) * (0.27 if size == "small" else 0.42) * rng.uniform(0.93, 1.07)
+        r = min(ch, cw) * SIZE_RADIUS[size] * rng.uniform(0.93, 1.07)
         jit = min(ch, cw) * 0.06
         cy = (cell // 3 + 0.5) * ch + rng.uniform(-jit, jit)
         cx = (cell % 3 + 0.5) * cw + rng.uniform(-jit, jit)
-        m = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(m).polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=255)
-        mask = np.asarray(m) > 127
+        mask = _shape_mask(shape, cx, cy, r, rng.uniform(-ROTATION, ROTATION), h, w)
         shade = rng.uniform(0.9, 1.05)
         rgb = np.clip(np.asarray(COLOURS[colour], np.float64) * shade, 0, 255)
         img[mask] = rgb + rng.normal(0, 4, (int(mask.sum()), 3))

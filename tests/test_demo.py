@@ -54,18 +54,18 @@ def test_generate_is_deterministic_and_in_the_release_schema(tmp_path):
 
 
 def test_answers_name_the_attributes():
-    r = demo_data.Region("star", "blue", "large", 2, "striped", 1, np.zeros((1, 1), bool))
-    assert demo_data.answer(r, "recognize", "en") == "star"
-    assert demo_data.answer(r, "caption", "en") == "A blue star at the top right."
+    r = demo_data.Region("cross", "blue", "large", 2, "striped", 1, np.zeros((1, 1), bool))
+    assert demo_data.answer(r, "recognize", "en") == "cross"
+    assert demo_data.answer(r, "caption", "en") == "A blue cross at the top right."
     assert demo_data.answer(r, "detailed-caption", "en") == (
-        "A large blue star in the top right of the image, on a striped background, "
+        "A large blue cross in the top right of the image, on a striped background, "
         "with one other shape."
     )
-    assert demo_data.answer(r, "recognize", "zh") == "星形"
-    assert demo_data.answer(r, "caption", "zh") == "图像右上方的一个蓝色星形。"
+    assert demo_data.answer(r, "recognize", "zh") == "十字形"
+    assert demo_data.answer(r, "caption", "zh") == "图像右上方的一个蓝色十字形。"
     noisy = dataclasses.replace(r, texture="noisy")
     assert demo_data.answer(noisy, "detailed-caption", "zh") == (
-        "图像右上方的一个大的蓝色星形，背景是有噪点的，还有一个其他形状。"
+        "图像右上方的一个大的蓝色十字形，背景是有噪点的，还有一个其他形状。"
     )  # one 的 (the noisy texture's word once ended in 的 too)
     with pytest.raises(ValueError, match="unknown task"):
         demo_data.answer(r, "explain", "en")
@@ -144,8 +144,9 @@ def test_score_and_sheet_from_predictions(tmp_path):
 
 def test_two_training_phases(tmp_path):
     """The demo trains in two phases: phase 0 SAM 2 alone on the segmentation loss from the
-    random weights, phase 1 every part on the LM + segmentation losses from phase 0's export
-    (a from-scratch SAM 2 has no pre-trained features to freeze)."""
+    random weights, phase 1 every part on the LM + segmentation losses from phase 0's export,
+    its perceiver attention aligned (a from-scratch SAM 2 has no pre-trained features to
+    freeze)."""
     from pam_jax import demo
     from pam_jax.training.config import ConfigError, resolve
 
@@ -160,7 +161,8 @@ def test_two_training_phases(tmp_path):
             "perceiver", "projectors", "newlines", "llm", "sam2_encoder", "sam2_decoder"
         }  # fmt: skip
         assert lm.lm_loss == 1 and lm.seg_loss > 0
-        assert lm.model == str(tmp_path / "train_sam2" / "export")
+        # phase 1 starts from phase 0's export with the perceiver's attention aligned
+        assert lm.model == str(tmp_path / "model_aligned")
         assert lm.workdir == str(tmp_path / "train")  # the final model: train/export
         seg.validate()
         lm.validate()
@@ -244,6 +246,59 @@ def test_prompt_attention_starts_at_the_prompt():
     emb = np.asarray(fresh.image_features(img)["image_embed"])
     s = np.r_[0 : cfg.d_model // 4, cfg.d_model // 2 : cfg.d_model // 2 + cfg.d_model // 4]
     assert np.all(emb[..., s] == 0) and np.abs(emb).max() > 0
+
+
+def test_region_attention_reads_the_planted_direction():
+    """`demo._set_region_attention`: keys whose inputs carry a region direction (plus noise)
+    get the attention of every query, whatever the query, in every head."""
+    from flax import nnx
+
+    from pam_jax import demo
+    from pam_jax.sam2.two_way_transformer import Attention
+
+    rng = np.random.default_rng(0)
+    att = Attention(32, 4, downsample_rate=2, rngs=nnx.Rngs(0))
+    d = rng.standard_normal(32)
+    inside = rng.random((8, 64)) < 0.06
+    inside[:, 0] = True
+    y = rng.standard_normal((8, 64, 32)) + 1.5 * inside[..., None] * d
+    q = rng.standard_normal((8, 5, 32))
+
+    def mass() -> float:
+        h, dh = att.num_heads, att.internal_dim // att.num_heads
+        qq = np.asarray(att.q_proj(q)).reshape(8, 5, h, dh)
+        kk = np.asarray(att.k_proj(y)).reshape(8, 64, h, dh)
+        lg = np.einsum("bqhd,bkhd->bhqk", qq, kk) / np.sqrt(dh)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return float((p * inside[:, None, None]).sum(-1).mean())
+
+    before = mass()
+    demo._set_region_attention(att, y.reshape(-1, 32), inside.reshape(-1), margin=6.0)
+    after = mass()
+    # 6% of the keys are the region's: about that share before, most of the mass after
+    assert before < 0.2 and after > 0.6, (before, after)
+
+
+def test_perceiver_attention_aligned_to_the_region(tmp_path):
+    """`demo.align_perceiver_attention` on the demo's initial model (before any training):
+    every token->image attention of the perceiver moves its mass onto the region's cells.
+    Measured (24 images, 32 regions): 0.07 -> 0.34 in each layer, the region's share of the
+    cells 0.07; on the SAM 2-trained model of the default demo 0.05 -> 0.56 (held-out 0.55).
+    Thresholds: before < 0.15 (about the share: uniform), after > 0.25."""
+    import jax.numpy as jnp
+
+    from pam_jax import demo
+    from pam_jax.pam.model import load_pam
+
+    info = demo_data.generate(tmp_path, "train", 24, seed=0, multi_turn=True)
+    demo.write_initial_model(tmp_path / "m", 128, 0)
+    model, _, _ = load_pam(tmp_path / "m", llm_dtype=jnp.float32, resize_to_tokenizer=False)
+    report = demo.align_perceiver_attention(model, info.jsonl, n_regions=32)
+    assert report["region_share"] < 0.12, report
+    for name in ("layer0", "layer1", "final"):
+        before, after = report[name]
+        assert before < 0.15 and after > 0.25, report
 
 
 @pytest.mark.heavy
