@@ -17,8 +17,7 @@ demo resumes at the stage it stopped in; a DIR made with other settings is refus
    segmentation loss on the generated masks (run config `configs/train/demo-sam2.json`,
    `lm_loss` 0), so its masks follow the prompt before the LLM reads it; phase 1 trains every
    part (SAM 2 at 3e-4, perceiver and projectors at 1e-4, newlines and LLM at 1e-3 / 2e-3) on
-   the LM loss plus the segmentation loss from phase 0's export, its perceiver attention
-   first aligned to the region (`model_aligned/`: `align_perceiver_attention`) (`demo.json`;
+   the LM loss plus the segmentation loss from phase 0's export (`demo.json`;
    `demo-quick-sam2.json` / `demo-quick.json` with --quick). Unlike PAM's recipe SAM 2 is not
    frozen there: a from-scratch micro SAM 2 has no pre-trained features to keep, and training
    it on both losses raises the held-out mIoU (0.70 -> 0.82) and lets the region's colour into
@@ -51,7 +50,7 @@ import numpy as np
 from pam_jax.cliutil import CLIError, RunFolder, positive_int, status, write_json
 from pam_jax.demo_report import prediction_sheet, score, summary_table
 
-STAGE_DIRS = ("data", "model_init", "train_sam2", "model_aligned", "train", "eval")
+STAGE_DIRS = ("data", "model_init", "train_sam2", "train", "eval")
 OUTPUTS = ("metrics.json", "loss_sam2.png", "loss.png", "predictions.png")
 
 
@@ -233,161 +232,6 @@ def save_tokenizer(tok, out_dir: Path) -> Path:
     return out_dir
 
 
-def _region_batch(data_jsonl: Path, image_size: int, n: int):
-    """Up to n distinct training regions (English records): images uint8 [M, S, S, 3], their
-    box prompts padded, image_index [n], and each region's GT coverage of the stride-16 cells
-    (bool [n, (S/16)^2]; a cell is in the region when the mask covers over a quarter of it)."""
-    import json
-
-    from PIL import Image
-
-    from pam_jax.demo_data import rle_decode
-    from pam_jax.sam2.prompts import pad_prompts, prompt_from_region, to_model
-    from pam_jax.sam2.video_io import preprocess_frame
-
-    images, index, rows, cells, seen = {}, [], [], [], set()
-    g = image_size // 16
-    for line in data_jsonl.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        region = r["id"].split(":")[0]
-        if region in seen:
-            continue
-        seen.add(region)
-        if r["image"] not in images:
-            pic = np.asarray(Image.open(data_jsonl.parent / r["image"]).convert("RGB"))
-            images[r["image"]] = preprocess_frame(pic, image_size)
-        resized, h, w = images[r["image"]]
-        x, y, bw, bh = r["bbox"]
-        box = {"box": [x, y, x + bw, y + bh]}
-        rows.append(to_model(prompt_from_region(box, image_hw=(h, w)), (h, w), image_size))
-        index.append(list(images).index(r["image"]))
-        m = rle_decode(r["segmentation"]).astype(np.float32)
-        m = np.asarray(Image.fromarray(m).resize((g, g), Image.BOX))  # coverage of each cell
-        cells.append(m.reshape(-1) > 0.25)
-        if len(seen) >= n:
-            break
-    stack = np.stack([v[0] for v in images.values()])
-    return stack, pad_prompts(rows), np.asarray(index, np.int32), np.stack(cells)
-
-
-def _set_region_attention(att, y: np.ndarray, inside: np.ndarray, margin: float) -> None:
-    """Make one token->image attention (`Attention`) attend to the region: in every head, one
-    query dim becomes the constant 1 (q_proj bias, its kernel column 0) and the matching key
-    dim the region score s(y) = w.y + b of the key inputs y (a regularised Fisher
-    discriminant of in-region vs other cells), scaled so s is +-margin/2 at the two classes'
-    means. The head's logit then gains s: the region's cells dominate whatever the query."""
-    pos, neg = y[inside], y[~inside]
-    mu1, mu0 = pos.mean(0), neg.mean(0)
-    cov = 0.5 * (np.cov(pos, rowvar=False) + np.cov(neg, rowvar=False))
-    cov += 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov))
-    w = np.linalg.solve(cov, mu1 - mu0)
-    w *= margin / float(w @ (mu1 - mu0))
-    b = -float(w @ (mu1 + mu0)) / 2
-    dh = att.internal_dim // att.num_heads
-    qk, qb = np.array(att.q_proj.kernel[...]), np.array(att.q_proj.bias[...])
-    kk, kb = np.array(att.k_proj.kernel[...]), np.array(att.k_proj.bias[...])
-    for h in range(att.num_heads):
-        j = h * dh
-        qk[:, j], qb[j] = 0.0, 1.0
-        kk[:, j], kb[j] = w * np.sqrt(dh), b * np.sqrt(dh)  # the logit scale is dh ** -0.5
-    att.q_proj.kernel[...], att.q_proj.bias[...] = qk, qb
-    att.k_proj.kernel[...], att.k_proj.bias[...] = kk, kb
-
-
-def align_perceiver_attention(
-    model, data_jsonl: Path, n_regions: int = 256, margin: float = 6.0
-) -> dict[str, float]:
-    """The demo's initialisation of the Semantic Perceiver's attention to the region (in place,
-    on the SAM 2-trained model, before the LLM phase): the counterpart of
-    `align_prompt_attention` for PAM's own part.
-
-    The perceiver's queries (SAM 2's two mask tokens and 16 learned semantic tokens) read the
-    image through token->image attention over SAM 2's decoder embedding; from random weights
-    that attention is uniform (on the trained demo the mass on the region's cells was 0.05 -
-    0.09 against their share of 0.055), so the semantic tokens carry the image's average and
-    the LLM cannot tell the region's colour or shape from its neighbour's. The decoder
-    embedding already marks the region (a linear read-out separates its cells, AUC 0.98),
-    so each token->image attention, layer by layer, is given that read-out as a key dim
-    against a constant query dim (`_set_region_attention`), fitted on `n_regions` training
-    regions with their masks. Returns the attention mass on the region's cells per layer,
-    before and after."""
-    import jax
-    import jax.numpy as jnp
-
-    from pam_jax.pam.model import image_region_outputs
-    from pam_jax.sam2.video_io import normalize_device
-
-    size = model.config.sam2.image_size
-    stack, p, index, inside = _region_batch(data_jsonl, size, n_regions)
-    step = jax.jit(
-        lambda im, c, lab, v, i: (
-            image_region_outputs(
-                model.sam2, model.parts, normalize_device(im), c, lab, v, image_index=i
-            ).decoder
-        )
-    )
-    dec = step(stack, p.coords, p.labels, p.valid, index)
-    vr = model.parts.vision_resampler
-    b, h, w, c = dec.mid_image_embed.shape
-    keys = jnp.asarray(dec.mid_image_embed).reshape(b, h * w, c)
-    tokens = dec.mid_single_tokens
-    sem = jnp.broadcast_to(vr.sem_tokens.embedding[...][None], (b, vr.num_sem_tokens, c))
-    queries = jnp.concatenate([tokens, sem], axis=1)
-    tokens_pe = queries
-    image_pe = vr.pe_layer((h, w)).reshape(1, h * w, c)
-
-    def mass(att, q, k) -> float:  # mean attention mass on the region's cells
-        qq = att.q_proj(q).reshape(b, -1, att.num_heads, att.internal_dim // att.num_heads)
-        kk = att.k_proj(k).reshape(b, -1, att.num_heads, att.internal_dim // att.num_heads)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", qq, kk) * qq.shape[-1] ** -0.5
-        probs = np.asarray(jax.nn.softmax(logits, -1))
-        return float((probs * inside[:, None, None, :]).sum(-1).mean())
-
-    report = {"region_share": float(inside.mean())}
-    atts = [(f"layer{i}", layer) for i, layer in enumerate(vr.layers)]
-    for name, layer in atts:
-        # the block's token->image attention reads these (TwoWayAttentionBlock)
-        if layer.skip_first_layer_pe:
-            q0 = layer.self_attn(queries, queries, queries)
-        else:
-            q0 = queries + layer.self_attn(queries + tokens_pe, queries + tokens_pe, queries)
-        q0 = layer.norm1(q0)
-        k = keys + image_pe
-        att = layer.cross_attn_token_to_image
-        before = mass(att, q0 + tokens_pe, k)
-        _set_region_attention(att, np.asarray(k).reshape(-1, c), inside.reshape(-1), margin)
-        report[name] = (round(before, 3), round(mass(att, q0 + tokens_pe, k), 3))
-        queries, keys = layer(queries, keys, tokens_pe, image_pe)
-    att = vr.final_attn_token_to_image
-    k = keys + image_pe
-    before = mass(att, queries + tokens_pe, k)
-    _set_region_attention(att, np.asarray(k).reshape(-1, c), inside.reshape(-1), margin)
-    report["final"] = (round(before, 3), round(mass(att, queries + tokens_pe, k), 3))
-    return report
-
-
-def write_aligned_model(src: Path, out_dir: Path, data_jsonl: Path) -> dict[str, float]:
-    """`src` (phase 0's export) with `align_perceiver_attention` applied, as a model directory
-    (atomically; SAM 2 and the LLM are copied as they are)."""
-    import jax.numpy as jnp
-
-    from pam_jax.checkpoint import flat_params, save_model_dir
-    from pam_jax.pam.model import load_pam
-
-    model, cfg, _ = load_pam(src, llm_dtype=jnp.float32, resize_to_tokenizer=False)
-    report = align_perceiver_attention(model, data_jsonl)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    save_model_dir(
-        tmp, "pam", cfg.to_dict(), flat_params(model.parts),
-        extra={"sam2_dir": "sam2", "llm_dir": "llm"},
-    )  # fmt: skip
-    write_json(tmp / "perceiver_alignment.json", report)
-    tmp.replace(out_dir)
-    return report
-
-
 # ---- helpers other tests use ------------------------------------------------------------------
 
 
@@ -460,9 +304,8 @@ def make_data(root: Path, s: DemoSettings) -> dict[str, Path]:
     return out
 
 
-# the two training phases: (run config suffix, workdir, model to start from); model_aligned is
-# phase 0's export with the perceiver's attention aligned to the region (`write_aligned_model`)
-PHASES = (("-sam2", "train_sam2", "model_init"), ("", "train", "model_aligned"))
+# the two training phases: (run config suffix, workdir, model to start from)
+PHASES = (("-sam2", "train_sam2", "model_init"), ("", "train", "train_sam2/export"))
 
 
 def train_config(root: Path, s: DemoSettings, data: dict[str, Path], phase: int = 1):
@@ -495,10 +338,6 @@ def run_training(root: Path, s: DemoSettings, data: dict[str, Path]) -> Path:
         export = Path(cfg.workdir) / "export"
         if (export / "config.json").is_file():
             continue
-        start = root / PHASES[phase][2]
-        if phase == 1 and not (start / "config.json").is_file():
-            status("demo: aligning the perceiver's attention to the region (phase 0's export)")
-            write_aligned_model(root / PHASES[0][1] / "export", start, data["train"])
         resume = (Path(cfg.workdir) / "config.json").is_file()
         what = "SAM 2 (segmentation loss)" if phase == 0 else "all parts (LM + segmentation loss)"
         status(

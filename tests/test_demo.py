@@ -144,9 +144,8 @@ def test_score_and_sheet_from_predictions(tmp_path):
 
 def test_two_training_phases(tmp_path):
     """The demo trains in two phases: phase 0 SAM 2 alone on the segmentation loss from the
-    random weights, phase 1 every part on the LM + segmentation losses from phase 0's export,
-    its perceiver attention aligned (a from-scratch SAM 2 has no pre-trained features to
-    freeze)."""
+    random weights, phase 1 every part on the LM + segmentation losses from phase 0's export
+    (a from-scratch SAM 2 has no pre-trained features to freeze)."""
     from pam_jax import demo
     from pam_jax.training.config import ConfigError, resolve
 
@@ -161,8 +160,7 @@ def test_two_training_phases(tmp_path):
             "perceiver", "projectors", "newlines", "llm", "sam2_encoder", "sam2_decoder"
         }  # fmt: skip
         assert lm.lm_loss == 1 and lm.seg_loss > 0
-        # phase 1 starts from phase 0's export with the perceiver's attention aligned
-        assert lm.model == str(tmp_path / "model_aligned")
+        assert lm.model == str(tmp_path / "train_sam2" / "export")
         assert lm.workdir == str(tmp_path / "train")  # the final model: train/export
         seg.validate()
         lm.validate()
@@ -248,59 +246,6 @@ def test_prompt_attention_starts_at_the_prompt():
     assert np.all(emb[..., s] == 0) and np.abs(emb).max() > 0
 
 
-def test_region_attention_reads_the_planted_direction():
-    """`demo._set_region_attention`: keys whose inputs carry a region direction (plus noise)
-    get the attention of every query, whatever the query, in every head."""
-    from flax import nnx
-
-    from pam_jax import demo
-    from pam_jax.sam2.two_way_transformer import Attention
-
-    rng = np.random.default_rng(0)
-    att = Attention(32, 4, downsample_rate=2, rngs=nnx.Rngs(0))
-    d = rng.standard_normal(32)
-    inside = rng.random((8, 64)) < 0.06
-    inside[:, 0] = True
-    y = rng.standard_normal((8, 64, 32)) + 1.5 * inside[..., None] * d
-    q = rng.standard_normal((8, 5, 32))
-
-    def mass() -> float:
-        h, dh = att.num_heads, att.internal_dim // att.num_heads
-        qq = np.asarray(att.q_proj(q)).reshape(8, 5, h, dh)
-        kk = np.asarray(att.k_proj(y)).reshape(8, 64, h, dh)
-        lg = np.einsum("bqhd,bkhd->bhqk", qq, kk) / np.sqrt(dh)
-        p = np.exp(lg - lg.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        return float((p * inside[:, None, None]).sum(-1).mean())
-
-    before = mass()
-    demo._set_region_attention(att, y.reshape(-1, 32), inside.reshape(-1), margin=6.0)
-    after = mass()
-    # 6% of the keys are the region's: about that share before, most of the mass after
-    assert before < 0.2 and after > 0.6, (before, after)
-
-
-def test_perceiver_attention_aligned_to_the_region(tmp_path):
-    """`demo.align_perceiver_attention` on the demo's initial model (before any training):
-    every token->image attention of the perceiver moves its mass onto the region's cells.
-    Measured (24 images, 32 regions): 0.07 -> 0.34 in each layer, the region's share of the
-    cells 0.07; on the SAM 2-trained model of the default demo 0.05 -> 0.56 (held-out 0.55).
-    Thresholds: before < 0.15 (about the share: uniform), after > 0.25."""
-    import jax.numpy as jnp
-
-    from pam_jax import demo
-    from pam_jax.pam.model import load_pam
-
-    info = demo_data.generate(tmp_path, "train", 24, seed=0, multi_turn=True)
-    demo.write_initial_model(tmp_path / "m", 128, 0)
-    model, _, _ = load_pam(tmp_path / "m", llm_dtype=jnp.float32, resize_to_tokenizer=False)
-    report = demo.align_perceiver_attention(model, info.jsonl, n_regions=32)
-    assert report["region_share"] < 0.12, report
-    for name in ("layer0", "layer1", "final"):
-        before, after = report[name]
-        assert before < 0.15 and after > 0.25, report
-
-
 @pytest.mark.heavy
 def test_quick_demo_learns(tmp_path):
     """`pam-jax demo --quick` end to end (data prepare, both training phases, eval, metrics,
@@ -308,17 +253,16 @@ def test_quick_demo_learns(tmp_path):
     split.
 
     Thresholds (seed 0; 24 held-out images: 38 regions, 76 exact-match answers): the untrained
-    model's masks are noise (held-out mIoU 0.049 measured) and its text is random words (exact
-    match 0: random words never equal a template answer). Measured session 7 (200 + 150 steps,
-    phase 1 training every part on LM + segmentation loss): mIoU 0.463 (gain 0.41; the
-    threshold 0.25 leaves 0.16 of margin, about 6 regions' worth of IoU), exact match 0.092 (7
-    of 76). The quick LLM phase is too short to read the region (it gives one caption for every
-    region; the default demo's captions name the position every time, the colour 6 in 10),
-    so its exact-match gain is what the answer templates and the commonest category give: the
-    threshold 0.04 (3 answers) keeps 4 answers of margin and still fails a model whose answers
-    are not in the template. Marked heavy: this test took 5.3 minutes on the shared 2-core
-    machine (load 2-4; the quick demo alone 8.9 minutes under a load of 6-8); compiles
-    dominate."""
+    model's masks are noise (held-out mIoU 0.063 measured) and its text is random words (exact
+    match 0: random words never equal a template answer). Measured session 8 (200 + 150 steps,
+    the coarse shape set):
+    mIoU 0.363 (gain 0.30; the threshold 0.2 leaves 0.1 of margin, about 4 regions' worth of
+    IoU), exact match 0.132 (10 of 76: recognize 0.24, brief caption 0.03). The quick LLM phase
+    is too short to read the region's shape or colour, so its exact-match gain is what the
+    answer templates and the commonest category give: the threshold 0.04 (3 answers) keeps 7
+    answers of margin and still fails a model whose answers are not in the template. Marked
+    heavy: the quick demo took 1 min 39 s wall on the shared 2-core machine (load ~2), this
+    test 2 min 33 s (it runs the demo twice, the second a no-op resume); compiles dominate."""
     from pam_jax import demo
 
     s = demo.DemoSettings.make(quick=True, steps=None, seed=0)
@@ -329,7 +273,7 @@ def test_quick_demo_learns(tmp_path):
     un, tr = m["untrained"], m["trained"]
     assert un["exact_match"] == 0.0, un
     assert tr["n_exact_match"] >= 60, tr  # the margins below are several answers
-    assert tr["mIoU"] - un["mIoU"] >= 0.25, (un, tr)
+    assert tr["mIoU"] - un["mIoU"] >= 0.2, (un, tr)
     assert tr["exact_match"] - un["exact_match"] >= 0.04, (un, tr)
     for name in ("loss.png", "predictions.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 1000
