@@ -196,11 +196,7 @@ class Runner:
         # Only where the main thread's programs hold no collectives (see `_thread_safe`):
         # otherwise two threads could launch collective programs in different orders on
         # different devices or processes, and deadlock.
-        self._dispatch: Any = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-jax-generate")
-            if _thread_safe(predictor)
-            else _Inline()
-        )
+        self._dispatch: Any = _generation_thread() if _thread_safe(predictor) else _Inline()
 
     def image_group(self, group: Sequence[Item], images: dict[str, Any]) -> list[dict]:
         """One batch of image items: SAM 2 + perceiver for all its images in one call, one
@@ -403,6 +399,13 @@ class _Inline:
         except BaseException as e:  # re-raised by result(), as a thread's would be
             f.set_exception(e)
         return f
+
+
+@functools.cache
+def _generation_thread() -> ThreadPoolExecutor:
+    """The one generation-dispatch thread, shared by every Runner (the trainer's evaluator
+    makes a Runner per evaluation: one thread each would pile up idle)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-jax-generate")
 
 
 def _thread_safe(predictor: Any) -> bool:

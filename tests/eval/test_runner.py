@@ -274,7 +274,9 @@ def test_generation_thread_only_without_collectives_elsewhere(tiny_pam, monkeypa
 
     model, tok = tiny_pam
     pred = PAMPredictor(model, tok, max_new_tokens=NEW)
-    assert isinstance(Runner(pred, batch_size=2)._dispatch, ThreadPoolExecutor)
+    first = Runner(pred, batch_size=2)._dispatch
+    assert isinstance(first, ThreadPoolExecutor)
+    assert Runner(pred, batch_size=2)._dispatch is first  # one thread for every runner
 
     sharded = types.SimpleNamespace(sharding=types.SimpleNamespace(is_fully_replicated=False))
     fake = types.SimpleNamespace(
