@@ -13,6 +13,7 @@ is suppressed by an earlier kept one when IoU > threshold, areas (x2 - x1) * (y2
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from itertools import product
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pam_jax.sam2 import ops
 
 # Official `is_box_near_crop_edge` tolerance (pixels).
 EDGE_ATOL = 20.0
@@ -39,9 +42,49 @@ def stability_score(logits: jax.Array, mask_threshold, offset) -> jax.Array:
 def masks_to_boxes(masks: jax.Array) -> jax.Array:
     """Binary masks [..., H, W] -> int32 XYXY boxes [..., 4] (inclusive pixel indices; [0, 0, 0,
     0] for an empty mask), official `batched_mask_to_box`."""
-    h, w = masks.shape[-2:]
-    rows = jnp.any(masks, axis=-1)  # [..., H]
-    cols = jnp.any(masks, axis=-2)  # [..., W]
+    return _boxes_from_any(jnp.any(masks, axis=-1), jnp.any(masks, axis=-2))
+
+
+def upsample_form() -> str:
+    """How the generator upsamples low-res logits to the crop's size (read at trace time):
+    "taps" (torch's two-tap bilinear, `ops.upsample_taps`, float32; on accelerators) or
+    "matmul" (`ops.resize_bilinear`'s interpolation matmuls; on the CPU, where XLA's gather
+    fusions ran the filter 8x slower). `$PAM_JAX_AMG_FILTER` overrides it (benchmarks)."""
+    form = os.environ.get("PAM_JAX_AMG_FILTER") or (
+        "matmul" if jax.default_backend() == "cpu" else "taps"
+    )
+    if form not in ("taps", "matmul"):
+        raise ValueError(f"PAM_JAX_AMG_FILTER={form!r}: use taps or matmul")
+    return form
+
+
+def upsample_logits(low: jax.Array, out_hw: tuple[int, int], form: str | None = None) -> jax.Array:
+    """low-res logits [..., h, w] -> float32 [..., H, W] at out_hw (torch bilinear)."""
+    if (form or upsample_form()) == "taps":
+        return ops.upsample_taps(low.astype(jnp.float32), out_hw)
+    return ops.resize_bilinear(low.astype(jnp.float32), out_hw, False, axes=(-2, -1))
+
+
+def upsampled_stats(
+    low: jax.Array, out_hw: tuple[int, int], mask_threshold, offset, form: str | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """low-res logits [..., h, w] -> (stability [...], boxes [..., 4] int32) of the logits
+    upsampled to out_hw (`upsample_logits`): `stability_score` and `masks_to_boxes` of
+    `> mask_threshold` on them. With the "taps" form every figure is a reduction of an
+    elementwise map, so XLA computes the upsample inside the reductions and never writes the
+    full-size logits (1024 x 1536 float32 per mask, 1.2 GB per batch of 64 points)."""
+    full = upsample_logits(low, out_hw, form)
+    hi, lo = full > (mask_threshold + offset), full > (mask_threshold - offset)
+    m = full > mask_threshold
+    inter = jnp.sum(jnp.sum(hi, axis=-1, dtype=jnp.int32), axis=-1)
+    union = jnp.sum(jnp.sum(lo, axis=-1, dtype=jnp.int32), axis=-1)
+    boxes = _boxes_from_any(jnp.any(m, axis=-1), jnp.any(m, axis=-2))
+    return inter.astype(jnp.float32) / union.astype(jnp.float32), boxes
+
+
+def _boxes_from_any(rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """rows [..., H] / cols [..., W]: whether a row / column holds a mask pixel -> XYXY boxes."""
+    h, w = rows.shape[-1], cols.shape[-1]
     ys, xs = jnp.arange(h, dtype=jnp.int32), jnp.arange(w, dtype=jnp.int32)
     bottom = jnp.max(jnp.where(rows, ys, 0), axis=-1)
     top = jnp.min(jnp.where(rows, ys, h), axis=-1)

@@ -47,7 +47,6 @@ from pam_jax.sam2 import amg_utils
 from pam_jax.sam2.common import pow2_bucket
 from pam_jax.sam2.image_predictor import _as_uint8_rgb, encode_image
 from pam_jax.sam2.model import SAM2Base
-from pam_jax.sam2.ops import resize_bilinear
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 LOGIT_CLAMP = 32.0  # the official predictor's low-res clamp (m2m feeds clamped logits back)
@@ -221,15 +220,13 @@ def _filter_candidates(
     crop_hw: tuple[int, int],
 ):
     """Per mask (nb * R rows): stability, box (crop pixels) and keep flag, computed on the
-    logits upsampled to the crop's size, batch by batch (one batch's full-size logits live at
-    a time)."""
+    logits upsampled to the crop's size, batch by batch (`amg_utils.upsampled_stats`: on an
+    accelerator inside the reductions, the full-size logits never written)."""
     pred_iou_t, stab_t, offset, mask_t = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
 
     def one_batch(args):
         lo, io, ok = args
-        full = resize_bilinear(lo, crop_hw, False, axes=(-2, -1))
-        stab = amg_utils.stability_score(full, mask_t, offset)
-        boxes = amg_utils.masks_to_boxes(full > mask_t)
+        stab, boxes = amg_utils.upsampled_stats(lo, crop_hw, mask_t, offset)
         keep = ok & ((io > pred_iou_t) | (pred_iou_t <= 0))
         keep &= (stab >= stab_t) | (stab_t <= 0)
         keep &= ~amg_utils.box_near_crop_edge(boxes, crop_box, orig_box)
@@ -250,7 +247,7 @@ def _filter_candidates(
 def _gather_upsample(low: jax.Array, idx: jax.Array, mask_threshold, *, hw: tuple[int, int]):
     """Binary masks [K, H, W] of rows `idx` of the low-res logits (padded rows: any index)."""
     sel = jnp.take(low, idx, axis=0)
-    return resize_bilinear(sel, hw, False, axes=(-2, -1)) > mask_threshold
+    return amg_utils.upsample_logits(sel, hw) > mask_threshold
 
 
 class SAM2AutomaticMaskGenerator:

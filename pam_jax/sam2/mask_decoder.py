@@ -213,7 +213,7 @@ class MaskDecoder(nnx.Module):
 
         image_embeddings [B or 1, h, w, C] (repeated per prompt when its batch is smaller, as
         the official `repeat_image`), image_pe [1, h, w, C] (`get_dense_pe()`),
-        sparse_prompt_embeddings [B, N, C], dense_prompt_embeddings [B, h, w, C],
+        sparse_prompt_embeddings [B, N, C], dense_prompt_embeddings [B or 1, h, w, C],
         high_res_features (s0 [B or 1, 4h, 4w, C/8], s1 [B or 1, 2h, 2w, C/4]) after
         conv_s0 / s1, token_valid [B, N] bool (False = padding token, excluded from attention;
         see `PromptEncoder.sparse_valid`).
@@ -235,7 +235,13 @@ class MaskDecoder(nnx.Module):
             token_mask = jnp.concatenate(
                 [jnp.ones((b, n_out), bool), jnp.asarray(token_valid, bool)], axis=1
             )
-        src = _repeat_to(image_embeddings, b) + dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and dense_prompt_embeddings.shape[0] == 1:
+            # the same image and dense prompt for every row: the first two-way layer projects
+            # it once (its image-side keys / values / queries broadcast over the prompts); the
+            # rows part at its first image update. Same numbers as repeating it.
+            src = image_embeddings + dense_prompt_embeddings
+        else:
+            src = _repeat_to(image_embeddings, b) + dense_prompt_embeddings
         if self.dtype is not None:
             src, tokens = src.astype(self.dtype), tokens.astype(self.dtype)
             image_pe = image_pe.astype(self.dtype)

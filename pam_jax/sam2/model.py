@@ -167,6 +167,10 @@ class SAM2Base(nnx.Module):
         (the image predictor's rows without points or box: no sparse tokens at all)."""
         pe = self.sam_prompt_encoder
         sparse, dense = pe(coords, labels, mask_prompt, has_mask=has_mask, pad=pad)
+        if mask_prompt is None:
+            # every row's dense embedding is `no_mask_embed`: one row lets the decoder's first
+            # layer project the image once for all prompts (`predict_masks`)
+            dense = dense[:1]
         token_valid = None
         if point_valid is not None:
             token_valid = pe.sparse_valid(point_valid, pad=pad, pad_valid=pad_valid)

@@ -199,7 +199,8 @@ class TwoWayTransformer(nnx.Module):
         point_embedding: jax.Array,
         token_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """image_embedding [B, H, W, C], image_pe [B or 1, H, W, C], point_embedding [B, N, C].
+        """image_embedding [B or 1, H, W, C] (1: shared by every prompt; the first layer's
+        image update makes it [B]), image_pe [B or 1, H, W, C], point_embedding [B, N, C].
 
         Returns (queries [B, N, C], keys [B, H*W, C]). `token_mask` [B, N] (True = real token)
         removes padding tokens from every attention over tokens (self-attn keys and image->token

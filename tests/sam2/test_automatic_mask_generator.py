@@ -19,6 +19,8 @@ except masks whose score lies within 1e-4 of a threshold (excused, counted).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -304,6 +306,33 @@ def test_mask_numerics_match_official():
             b, cb = ref.remove_small_regions(blob, area, mode)
             np.testing.assert_array_equal(a, b)
             assert ca == cb
+
+
+@pytest.mark.parametrize("form", ["taps", "matmul"])
+def test_upsampled_stats_match_official(form):
+    """Both forms of the filter's upsample (taps: accelerators, fused into the reductions;
+    matmul: the CPU) against the official stability score and boxes on torch's bilinear
+    upsample of smooth random logits to a non-integer scale. taps is torch's formula (stability
+    and boxes exact); the matmul form differs from torch by ~1e-6 on the logits, so a pixel
+    whose logit lies that close to a threshold may flip: stability within 1e-3 and boxes exact
+    on these logits."""
+    from sam2.utils import amg as ref
+
+    rng = np.random.default_rng(3)
+    low = 3 * rng.normal(0, 1, (6, 16, 16)).astype(np.float32)
+    low = np.array(jax.image.resize(low, (6, 64, 64), "linear"))  # smooth, blobby masks
+    low[0] = -4.0  # empty: stability NaN (0 / 0), box [0, 0, 0, 0]
+    hw = (300, 451)
+    stab, boxes = jax.jit(lambda x: amg_utils.upsampled_stats(x, hw, 0.0, 1.0, form))(low)
+    full = torch.nn.functional.interpolate(
+        torch.from_numpy(low.copy())[:, None], hw, mode="bilinear", align_corners=False
+    )[:, 0]
+    want_stab = ref.calculate_stability_score(full, 0.0, 1.0).numpy()
+    tol = 0.0 if form == "taps" else 1e-3
+    np.testing.assert_allclose(np.asarray(stab), want_stab, rtol=0, atol=tol)
+    np.testing.assert_array_equal(np.asarray(boxes), ref.batched_mask_to_box(full > 0).numpy())
+    masks = np.asarray(amg_utils.upsample_logits(jnp.asarray(low), hw, form) > 0)
+    np.testing.assert_array_equal(np.asarray(amg_utils.masks_to_boxes(masks)), np.asarray(boxes))
 
 
 def test_nms_matches_torchvision_kernel():
