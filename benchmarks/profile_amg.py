@@ -3,12 +3,13 @@
 
     python benchmarks/profile_amg.py            # SAM 2.1-L at 1024, 32 x 32 points, 1024 x 1536
     python benchmarks/profile_amg.py --variants highest:64,bf16x6:64,taps:64,bf16x6:256 --peer
-    python benchmarks/profile_amg.py --variants bf16x3:64:matmul,bf16x3:64:taps --peer
+    python benchmarks/profile_amg.py --variants bf16x3:64:matmul:conv,bf16x3:64:taps --peer
     python benchmarks/profile_amg.py --tiny --cpu
 
-`--variants MODE:BATCH[:FILTER],...` times the generator once per (`PAM_JAX_BILINEAR` mode,
-device batch, `PAM_JAX_AMG_FILTER` form of the filter's upsample: taps / matmul, default the
-backend's) in one process (caches cleared between); `--peer` times the official generator (default
+`--variants MODE:BATCH[:FILTER[:CONVT]],...` times the generator once per (`PAM_JAX_BILINEAR`
+mode, device batch, `PAM_JAX_AMG_FILTER` form of the filter's upsample: taps / matmul, default
+the backend's; `PAM_JAX_CONVT` form of the decoder's 2x2 up-convolutions: matmul / conv) in
+one process (caches cleared between); `--peer` times the official generator (default
 settings, bf16 autocast) on the same images first, so each variant gets its ratio in the run.
 """
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="highest:64", help="MODE:DEVICE_BATCH[:FILTER],...")
+    ap.add_argument("--variants", default="highest:64", help="MODE:BATCH[:FILTER[:CONVT]],...")
     ap.add_argument("--peer", action="store_true", help="time the official generator too")
     args = ap.parse_args(argv)
     if args.cpu:
@@ -77,12 +78,13 @@ def main(argv=None) -> int:
     orig = {name: getattr(amg, name) for name in names}
     orig_nms = amg_utils.nms_host
     for variant in args.variants.split(","):
-        mode, batch, *form = variant.split(":")
+        mode, batch, *rest = variant.split(":")
         os.environ["PAM_JAX_BILINEAR"] = mode
-        if form:
-            os.environ["PAM_JAX_AMG_FILTER"] = form[0]
-        else:
-            os.environ.pop("PAM_JAX_AMG_FILTER", None)
+        for name, value in zip(("PAM_JAX_AMG_FILTER", "PAM_JAX_CONVT"), rest + ["", ""]):
+            if value:
+                os.environ[name] = value
+            else:
+                os.environ.pop(name, None)
         jax.clear_caches()
         times: dict[str, list[float]] = collections.defaultdict(list)
 

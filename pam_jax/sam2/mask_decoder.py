@@ -18,6 +18,7 @@ masks is commented out): call with `dynamic_multimask=False` to get that behavio
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -66,6 +67,22 @@ def conv_transpose2x2(din: int, dout: int, rngs: nnx.Rngs, dtype=None) -> nnx.Co
         kernel_metadata={"out_sharding": ("conv_h", "conv_w", "conv_out", "conv_in")},
         bias_metadata={"out_sharding": ("conv_out",)},
     )  # fmt: skip
+
+
+def upsample_2x2(conv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+    """`conv` (a `conv_transpose2x2`) on x [B, h, w, din] -> [B, 2h, 2w, dout] as one matmul
+    and a depth-to-space: with kernel 2 and stride 2 the output pixels (2i + p, 2j + q) are
+    x[i, j] @ kernel[p, q] (the same sums as the convolution, exactly), which XLA runs as a
+    GEMM instead of a strided transposed convolution. `$PAM_JAX_CONVT=conv` keeps the
+    convolution (benchmarks' A/B)."""
+    if os.environ.get("PAM_JAX_CONVT", "matmul") == "conv":
+        return conv(x)
+    k, bias = conv.kernel[...], conv.bias[...]
+    if conv.dtype is not None:
+        x, k, bias = x.astype(conv.dtype), k.astype(conv.dtype), bias.astype(conv.dtype)
+    b, h, w, _ = x.shape
+    y = jnp.einsum("bijc,pqoc->bipjqo", x, k)
+    return y.reshape(b, 2 * h, 2 * w, k.shape[2]) + bias
 
 
 def _repeat_to(x: jax.Array, b: int) -> jax.Array:
@@ -193,12 +210,12 @@ class MaskDecoder(nnx.Module):
     def _upscale(self, src: jax.Array, high_res_features) -> jax.Array:
         dc1, ln1, _, dc2, _ = self.output_upscaling
         if not self.use_high_res_features:
-            return gelu(dc2(gelu(ln1(dc1(src)))))
+            return gelu(upsample_2x2(dc2, gelu(ln1(upsample_2x2(dc1, src)))))
         feat_s0, feat_s1 = (_repeat_to(f, src.shape[0]) for f in high_res_features)
         if self.dtype is not None:
             feat_s0, feat_s1 = feat_s0.astype(self.dtype), feat_s1.astype(self.dtype)
-        x = gelu(ln1(dc1(src) + feat_s1))
-        return gelu(dc2(x) + feat_s0)
+        x = gelu(ln1(upsample_2x2(dc1, src) + feat_s1))
+        return gelu(upsample_2x2(dc2, x) + feat_s0)
 
     def predict_masks(
         self,
