@@ -12,6 +12,7 @@ batch-first `[B, L, C]` token sequences and NHWC images. Differences from the of
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,13 @@ from flax import nnx
 
 from pam_jax.sam2.common import MLP, linear
 from pam_jax.sam2.common import layer_norm as common_layer_norm
+
+
+# `Attention`'s few-token paths (below) apply where one side has at most this many tokens;
+# `PAM_JAX_FEW_TOKENS=0` turns them off (benchmarks' A/B).
+def _few_tokens() -> int:
+    return int(os.environ.get("PAM_JAX_FEW_TOKENS", "32"))  # read at trace time
+
 
 # torch.nn.LayerNorm default, used by every norm of the two-way transformer.
 TWO_WAY_LN_EPS = 1e-5
@@ -68,6 +76,11 @@ class Attention(nnx.Module):
 
         Batch dims of q and k/v may broadcast (e.g. 1 vs B).
         """
+        lq, lk, few = q.shape[-2], k.shape[-2], _few_tokens()
+        if lk <= few and lq >= 8 * lk:
+            return self._few_keys(q, k, v, mask)
+        if lq <= few and lk >= 8 * lq:
+            return self._few_queries(q, k, v, mask)
         h = self.num_heads
         q = self.q_proj(q)
         k = self.k_proj(k)
@@ -86,6 +99,71 @@ class Attention(nnx.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = out.reshape(*out.shape[:-2], self.internal_dim)
         return self.out_proj(out)
+
+    # A few tokens against a whole image (the decoder's and the perceiver's cross attentions:
+    # <= 32 tokens, >= 8x as many image positions). The image side is then touched only by
+    # matmuls with the tokens folded into the projections, never projected itself: with
+    # heads h, head size d and tokens t, q_proj(x) k^T = x (W_q k^T) + b_q k^T and
+    # sum_j p_j v_proj(y_j) = (sum_j p_j y_j) W_v + b_v (the probabilities sum to 1). The same
+    # products in another order; float32 logits and softmax as the plain path.
+
+    def _weights(self, lin: nnx.Linear) -> tuple[jax.Array, jax.Array]:
+        w, b = lin.kernel[...], lin.bias[...]
+        if self.dtype is not None:
+            w, b = w.astype(self.dtype), b.astype(self.dtype)
+        return w, b
+
+    def _masked_softmax(self, logits: jax.Array, mask: jax.Array | None, axis_mask) -> jax.Array:
+        if mask is not None:
+            logits = jnp.where(axis_mask(mask), logits, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def _few_keys(self, q, k, v, mask):
+        """Image queries [B or 1, L, C] against a few token keys / values [B, t, kv_in]."""
+        h = self.num_heads
+        d = self.internal_dim // h
+        wq, bq = self._weights(self.q_proj)
+        wo, bo = self._weights(self.out_proj)
+        kp = self.k_proj(k).reshape(*k.shape[:-1], h, d)  # [B, t, h, d]
+        vp = self.v_proj(v).reshape(*v.shape[:-1], h, d)
+        scale = d**-0.5
+        a = jnp.einsum("chd,bthd->bcht", wq.reshape(-1, h, d), kp) * scale  # [B, C, h, t]
+        c = jnp.einsum("hd,bthd->bht", bq.reshape(h, d), kp).astype(jnp.float32) * scale
+        x = q.astype(a.dtype)
+        if x.shape[0] == 1 and a.shape[0] > 1:  # a shared image: one GEMM over every prompt
+            logits = jnp.einsum("lc,bcht->blht", x[0], a, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("blc,bcht->blht", x, a, preferred_element_type=jnp.float32)
+        logits = logits + c[:, None]
+        probs = self._masked_softmax(logits, mask, lambda m: m[:, None, None, :])
+        bv = jnp.einsum("bthd,hdc->bhtc", vp, wo.reshape(h, d, -1))  # [B, h, t, C]
+        return jnp.einsum("blht,bhtc->blc", probs.astype(bv.dtype), bv) + bo
+
+    def _few_queries(self, q, k, v, mask):
+        """A few token queries [B, t, C] against image keys / values [B or 1, L, kv_in]."""
+        h = self.num_heads
+        d = self.internal_dim // h
+        wk, bk = self._weights(self.k_proj)
+        wv, bv = self._weights(self.v_proj)
+        qp = self.q_proj(q).reshape(*q.shape[:-1], h, d)  # [B, t, h, d]
+        scale = d**-0.5
+        qk = jnp.einsum("bthd,chd->bhtc", qp, wk.reshape(-1, h, d)) * scale  # [B, h, t, C]
+        c = jnp.einsum("bthd,hd->bht", qp, bk.reshape(h, d)).astype(jnp.float32) * scale
+        kx, vx = k.astype(qk.dtype), v.astype(qk.dtype)
+        shared = kx.shape[0] == 1 and vx.shape[0] == 1 and qk.shape[0] > 1
+        f32 = jnp.float32
+        if shared:  # a shared image: one GEMM over every prompt
+            logits = jnp.einsum("bhtc,lc->bhtl", qk, kx[0], preferred_element_type=f32)
+        else:
+            logits = jnp.einsum("bhtc,blc->bhtl", qk, kx, preferred_element_type=f32)
+        probs = self._masked_softmax(logits + c[..., None], mask, lambda m: m[:, None, None, :])
+        probs = probs.astype(vx.dtype)
+        if shared:
+            pv = jnp.einsum("bhtl,lc->bthc", probs, vx[0])  # [B, t, h, kv_in]
+        else:
+            pv = jnp.einsum("bhtl,blc->bthc", probs, vx)
+        out = jnp.einsum("bthc,chd->bthd", pv, wv.reshape(-1, h, d)) + bv.reshape(h, d)
+        return self.out_proj(out.reshape(*out.shape[:-2], self.internal_dim))
 
 
 class TwoWayAttentionBlock(nnx.Module):
