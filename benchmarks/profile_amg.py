@@ -3,13 +3,15 @@
 
     python benchmarks/profile_amg.py            # SAM 2.1-L at 1024, 32 x 32 points, 1024 x 1536
     python benchmarks/profile_amg.py --variants highest:64,bf16x6:64,taps:64,bf16x6:256 --peer
-    python benchmarks/profile_amg.py --variants bf16x3:64:matmul:conv,bf16x3:64:taps --peer
+    python benchmarks/profile_amg.py --peer --variants \
+        bf16x3:64:PAM_JAX_AMG_FILTER=matmul:PAM_JAX_CONVT=conv:PAM_JAX_FEW_TOKENS=0,bf16x3:64
     python benchmarks/profile_amg.py --tiny --cpu
 
-`--variants MODE:BATCH[:FILTER[:CONVT]],...` times the generator once per (`PAM_JAX_BILINEAR`
-mode, device batch, `PAM_JAX_AMG_FILTER` form of the filter's upsample: taps / matmul, default
-the backend's; `PAM_JAX_CONVT` form of the decoder's 2x2 up-convolutions: matmul / conv) in
-one process (caches cleared between); `--peer` times the official generator (default
+`--variants MODE:BATCH[:NAME=VALUE...],...` times the generator once per variant: a
+`PAM_JAX_BILINEAR` mode, a device batch and environment settings read at trace time
+(`PAM_JAX_AMG_FILTER=matmul|taps`, the filter's upsample; `PAM_JAX_CONVT=conv|matmul`, the
+decoder's 2x2 up-convolutions; `PAM_JAX_FEW_TOKENS=0|32`, the few-token attention), in one
+process (caches cleared between); `--peer` times the official generator (default
 settings, bf16 autocast) on the same images first, so each variant gets its ratio in the run.
 """
 
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="highest:64", help="MODE:BATCH[:FILTER[:CONVT]],...")
+    ap.add_argument("--variants", default="highest:64", help="MODE:BATCH[:NAME=VALUE...],...")
     ap.add_argument("--peer", action="store_true", help="time the official generator too")
     args = ap.parse_args(argv)
     if args.cpu:
@@ -80,11 +82,11 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         mode, batch, *rest = variant.split(":")
         os.environ["PAM_JAX_BILINEAR"] = mode
-        for name, value in zip(("PAM_JAX_AMG_FILTER", "PAM_JAX_CONVT"), rest + ["", ""]):
-            if value:
-                os.environ[name] = value
-            else:
-                os.environ.pop(name, None)
+        for name in ("PAM_JAX_AMG_FILTER", "PAM_JAX_CONVT", "PAM_JAX_FEW_TOKENS"):
+            os.environ.pop(name, None)
+        for kv in rest:  # NAME=VALUE settings of this variant
+            name, value = kv.split("=", 1)
+            os.environ[name] = value
         jax.clear_caches()
         times: dict[str, list[float]] = collections.defaultdict(list)
 

@@ -29,8 +29,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pam_jax import sharding
 from pam_jax.llm import attention as attn
@@ -201,36 +199,8 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = _linear(m, h, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if hasattr(self, "gate_up_proj"):  # the inference layout (`fuse_gate_up`)
-            w = self.gate_up_proj[...]
-            gu = jnp.einsum("...h,hkm->...km", x.astype(w.dtype), w.astype(self.down_proj.dtype))
-            y = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
-        else:
-            y = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        y = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(constrain(y, ("batch", "length", "act_mlp")))
-
-
-def fuse_gate_up(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-    """An inference copy of `model` whose MLPs read gate and up as one [H, 2, M] kernel
-    (`gate_up_proj`, MaxText's fused `wi`): one matrix product per layer instead of two, the
-    same sums. Tensor-parallel safe (the M axis keeps its sharding). Other parameters are
-    shared with `model`; gate / up are copied (their memory is held twice while both live)."""
-    graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, state)
-    layers = new.model.layers
-    mlps = [layers.mlp] if new.cfg.scan_layers else [layer.mlp for layer in layers]
-    for mlp in mlps:
-        g, u = mlp.gate_proj.kernel, mlp.up_proj.kernel
-        axes = tuple(g.get_metadata().get("out_sharding") or ())
-        w = jnp.stack([g[...], u[...]], axis=-2)  # [..., H, 2, M]
-        sh = getattr(g[...], "sharding", None)
-        if isinstance(sh, NamedSharding):
-            spec = tuple(sh.spec) + (None,) * (g[...].ndim - len(sh.spec))
-            w = jax.device_put(w, NamedSharding(sh.mesh, P(*spec[:-1], None, spec[-1])))
-        meta = {"out_sharding": (*axes[:-1], None, axes[-1])} if axes else {}
-        del mlp.gate_proj, mlp.up_proj
-        mlp.gate_up_proj = nnx.Param(w, **meta)
-    return new
 
 
 class Qwen2DecoderLayer(nnx.Module):

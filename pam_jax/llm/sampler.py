@@ -41,7 +41,6 @@ import numpy as np
 from flax import struct
 
 from pam_jax import prepared
-from pam_jax.llm import qwen2
 from pam_jax.llm.qwen2 import KVCache, PrefillLengths
 from pam_jax.prepared import Structure, merge
 
@@ -136,18 +135,10 @@ class PreparedModel:
     cfg: Any
 
 
-def _fused_mlp() -> bool:
-    # gate / up as one matmul in generation (`qwen2.fuse_gate_up`); off unless
-    # PAM_JAX_FUSED_MLP=1 (measured side by side in benchmarks/README.md)
-    return os.environ.get("PAM_JAX_FUSED_MLP", "0") == "1"
-
-
 def prepare(model: Any) -> PreparedModel:
     """Split `model` once for repeated `generate` calls (re-prepare after changing weights)."""
     if isinstance(model, PreparedModel):
         return model
-    if _fused_mlp():
-        model = qwen2.fuse_gate_up(model)
     p = prepared.prepare(model)
     return PreparedModel(p.structure, p.leaves, model.cfg)
 
