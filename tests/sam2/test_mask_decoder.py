@@ -319,3 +319,32 @@ def test_jit_equals_eager_and_bf16(models):
     # bf16 (8 mantissa bits) through ~20 layers: a few percent of the logit range
     scale = float(np.abs(np.asarray(o32.masks)).max())
     assert np.abs(np.asarray(o16.masks) - np.asarray(o32.masks)).max() < 0.1 * scale
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_few_token_attention_equals_plain(dtype, monkeypatch):
+    """`Attention`'s few-token paths (tokens folded into the projections) against the plain
+    form, both directions, a shared (batch 1) and a per-prompt image, masked tokens and masked
+    image positions. float32: the same products in another order, within 1e-5 of outputs ~5;
+    bf16: within one bf16 step of the output's magnitude (1/32 at 4-8)."""
+    import jax
+
+    from pam_jax.sam2.two_way_transformer import Attention
+
+    att = Attention(64, 8, downsample_rate=2, rngs=nnx.Rngs(0), dtype=dtype)
+    for i, lin in enumerate((att.q_proj, att.k_proj, att.v_proj, att.out_proj)):
+        lin.bias[...] = jax.random.normal(jax.random.key(10 + i), lin.bias.shape)
+    img1 = jax.random.normal(jax.random.key(1), (1, 256, 64))
+    img = jax.random.normal(jax.random.key(2), (3, 256, 64))
+    tok = jax.random.normal(jax.random.key(3), (3, 7, 64))
+    tok_valid = jnp.arange(7)[None] < jnp.array([[7], [5], [6]])
+    img_valid = jnp.ones((3, 256), bool).at[1, 100:].set(False)
+    calls = [(img1, tok, tok, tok_valid), (tok, img1, img1, None), (tok, img, img, img_valid),
+             (img, tok, tok, tok_valid)]  # fmt: skip
+    out = {}
+    for few in ("32", "0"):
+        monkeypatch.setenv("PAM_JAX_FEW_TOKENS", few)
+        out[few] = [np.asarray(att(*c).astype(jnp.float32)) for c in calls]
+    tol = 1e-5 if dtype is None else 1 / 32
+    for a, b in zip(out["32"], out["0"]):
+        assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max() / 4)
