@@ -15,7 +15,9 @@ What happens, per crop (the whole image, then `crop_n_layers` layers of overlapp
    `use_m2m` refinement (each mask fed back as a mask prompt with its point, single-mask
    output); a second one (compiled per crop size, small) upsamples each batch's logits to the
    crop size for the stability score, the IoU / stability thresholds, the boxes and the
-   crop-edge test. Only the low-res logits and per-mask numbers stay;
+   crop-edge test (`amg_utils.upsampled_stats`: on accelerators the upsample is computed
+   inside those reductions, the full-size logits never written). Only the low-res logits and
+   per-mask numbers stay;
 3. box NMS (`box_nms_thresh`, by predicted IoU) over the crop's surviving masks, on the device
    (`amg_utils.nms`, one jitted greedy pass over a power-of-two padded set).
 
