@@ -91,7 +91,7 @@ def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return i0.astype(np.int32), i1.astype(np.int32), w0, w1
 
 
-def lerp_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+def _lerp_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     """Two-tap bilinear along `axis` (float32): gathers whole slices along it, so on a major
     axis it is a row copy, not the per-element lane gather of a minor one."""
     i0, i1, w0, w1 = linear_taps(x.shape[axis], n_out)
@@ -110,10 +110,10 @@ def _bilinear_taps(x: jax.Array, out_hw: tuple[int, int], ah: int, aw: int) -> j
     x = x.astype(jnp.float32)
     if aw == x.ndim - 1:
         xt = jnp.swapaxes(x, -1, -2)
-        x = jnp.swapaxes(lerp_axis(xt, x.ndim - 2, out_hw[1]), -1, -2)
+        x = jnp.swapaxes(_lerp_axis(xt, x.ndim - 2, out_hw[1]), -1, -2)
     else:
-        x = lerp_axis(x, aw, out_hw[1])
-    return lerp_axis(x, ah, out_hw[0])
+        x = _lerp_axis(x, aw, out_hw[1])
+    return _lerp_axis(x, ah, out_hw[0])
 
 
 def upsample_taps(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:

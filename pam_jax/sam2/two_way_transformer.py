@@ -31,6 +31,15 @@ def _few_tokens() -> int:
     return int(os.environ.get("PAM_JAX_FEW_TOKENS", "32"))  # read at trace time
 
 
+def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over the last (key) axis of float32 logits [B, ., ., Lk]; mask [B, Lk] (True =
+    attend). Finite fill: a row with every key masked gives a uniform (harmless) softmax, not
+    NaN."""
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 # torch.nn.LayerNorm default, used by every norm of the two-way transformer.
 TWO_WAY_LN_EPS = 1e-5
 
@@ -93,11 +102,7 @@ class Attention(nnx.Module):
         scale = q.shape[-1] ** -0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits.astype(jnp.float32) * scale
-        if mask is not None:
-            # finite fill: a row with every key masked gives a uniform (harmless) softmax, not NaN
-            neg = jnp.finfo(jnp.float32).min
-            logits = jnp.where(mask[:, None, None, :], logits, neg)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        probs = _masked_softmax(logits, mask).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = out.reshape(*out.shape[:-2], self.internal_dim)
         return self.out_proj(out)
@@ -114,11 +119,6 @@ class Attention(nnx.Module):
         if self.dtype is not None:
             w, b = w.astype(self.dtype), b.astype(self.dtype)
         return w, b
-
-    def _masked_softmax(self, logits: jax.Array, mask: jax.Array | None, axis_mask) -> jax.Array:
-        if mask is not None:
-            logits = jnp.where(axis_mask(mask), logits, jnp.finfo(jnp.float32).min)
-        return jax.nn.softmax(logits, axis=-1)
 
     def _few_keys(self, q, k, v, mask):
         """Image queries [B or 1, L, C] against a few token keys / values [B, t, kv_in]."""
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
         else:
             logits = jnp.einsum("blc,bcht->blht", x, a, preferred_element_type=jnp.float32)
         logits = logits + c[:, None]
-        probs = self._masked_softmax(logits, mask, lambda m: m[:, None, None, :])
+        probs = _masked_softmax(logits, mask)
         bv = jnp.einsum("bthd,hdc->bhtc", vp, wo.reshape(h, d, -1))  # [B, h, t, C]
         return jnp.einsum("blht,bhtc->blc", probs.astype(bv.dtype), bv) + bo
 
@@ -158,7 +158,7 @@ class Attention(nnx.Module):
             logits = jnp.einsum("bhtc,lc->bhtl", qk, kx[0], preferred_element_type=f32)
         else:
             logits = jnp.einsum("bhtc,blc->bhtl", qk, kx, preferred_element_type=f32)
-        probs = self._masked_softmax(logits + c[..., None], mask, lambda m: m[:, None, None, :])
+        probs = _masked_softmax(logits + c[..., None], mask)
         probs = probs.astype(vx.dtype)
         if shared:
             pv = jnp.einsum("bhtl,lc->bthc", probs, vx[0])  # [B, t, h, kv_in]
